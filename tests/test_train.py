@@ -1,0 +1,259 @@
+"""train.py: losses and their gradients, schedules, checkpoints, errors, a smoke run and a learning run."""
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from atari import make_env
+from reanalyze import Targets, reanalyze
+from train import Config, UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cartpole(**overrides):
+    """A small CartPole configuration for in-process tests."""
+    preset = dict(train.PRESETS["cartpole"], num_envs=2, num_simulations=4, batch_size=8, start_transitions=40,
+                  total_transitions=200, training_steps=20, log_interval=10_000, eval_episodes=2)
+    return train.check_config(Config(**{**preset, **overrides}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses, gradient scales, schedules
+# ---------------------------------------------------------------------------------------------
+
+def test_consistency_loss_is_negative_cosine_without_target_gradient():
+    torch.manual_seed(0)
+    online = torch.randn(5, 16, requires_grad=True)
+    target = torch.randn(5, 16, requires_grad=True)
+    loss = train.consistency_loss(online, target)                     # [5]
+    expected = -torch.nn.functional.cosine_similarity(online, target, dim=-1)
+    torch.testing.assert_close(loss, expected)
+    assert train.consistency_loss(target, 3 * target).detach().allclose(torch.full((5,), -1.0))  # scale-free
+    loss.sum().backward()
+    assert target.grad is None                                        # stop-gradient on the target branch
+    assert online.grad is not None and online.grad.abs().sum() > 0
+
+
+def test_scale_gradient_scales_the_whole_gradient_and_not_the_value():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    y = x * 3
+    early = (y ** 2).sum()                                            # a use of y before the hook is set
+    z = train.scale_gradient(y, 0.5)
+    assert z is y and torch.equal(z, torch.tensor([3.0, -6.0]))       # forward unchanged
+    (early + 10 * z.sum()).backward()
+    # d/dx without the hook: 2 * y * 3 + 10 * 3; the hook halves all of it (EZ_SPEC §4.3.3)
+    torch.testing.assert_close(x.grad, 0.5 * (2 * y.detach() * 3 + 30))
+
+
+def _unroll_grad(model, obs, actions, mask, targets, cfg):
+    """Gradient of the summed value loss w.r.t. the representation parameters."""
+    model.zero_grad()
+    losses, _ = train.unroll_losses(model, obs, actions, mask, targets, cfg)
+    losses[0].sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.representation.parameters()])
+
+
+def test_unroll_halves_the_gradient_at_every_latent(monkeypatch):
+    # The step-k value loss reaches the representation through s_1..s_k, each scaled by 0.5: 0.5^k overall.
+    torch.manual_seed(0)
+    cfg = Config(num_unroll_steps=2, consistency=False)
+    model = train.make_model((4,), 2, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10, proj_hid=8,
+                             proj_out=8, pred_hid=8, pred_out=8).double()
+    for p in model.parameters():  # leave the zero-initialised output layers: gradients must flow
+        torch.nn.init.normal_(p, std=0.3)
+    B, K, A = 6, 2, 2
+    obs = torch.randn(B, K + 1, 4, dtype=torch.float64)
+    actions = torch.randint(0, A, (B, K))
+    targets = Targets(torch.rand(B, K + 1, dtype=torch.float64) * 5, torch.zeros(B, K, dtype=torch.float64),
+                      torch.full((B, K + 1, A), 0.5, dtype=torch.float64), torch.full((B,), 5))
+    step2 = torch.tensor([[0.0, 1.0]], dtype=torch.float64).expand(B, K)      # only unroll step 2 counts
+    none = torch.zeros(B, K, dtype=torch.float64)                             # only the k = 0 term
+    hooked = _unroll_grad(model, obs, actions, step2, targets, cfg) - _unroll_grad(model, obs, actions, none, targets, cfg)
+    monkeypatch.setattr(train, "scale_gradient", lambda x, scale: x)
+    plain = _unroll_grad(model, obs, actions, step2, targets, cfg) - _unroll_grad(model, obs, actions, none, targets, cfg)
+    assert plain.abs().max() > 1e-6
+    torch.testing.assert_close(hooked, 0.25 * plain)
+
+
+def test_learning_rate_schedule_of_the_paper():
+    cfg = Config()                                                    # EZ_SPEC §4.1: warm-up 1k, 0.2, x0.1 at 101k
+    steps = [0, 500, 1000, 100_999, 101_000, 119_999]
+    assert [train.learning_rate(s, cfg) for s in steps] == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.02, 0.02])
+
+
+def test_temperature_schedule():
+    cfg = Config()
+    assert [train.visit_softmax_temperature(u, cfg) for u in (0, 49_999, 50_000, 74_999, 75_000)] == [1, 1, 0.5, 0.5, 0.25]
+
+
+def test_augmentation_shifts_by_at_most_4_pixels_and_shares_the_target_draw():
+    torch.manual_seed(0)
+    B, K1, C, H, W = 16, 3, 6, 12, 12
+    obs = torch.zeros(B, K1, C, H, W, dtype=torch.uint8)
+    obs[..., 6, 6] = 255                                              # one bright pixel in every stack
+    out = train.augment(obs)                                          # [B, K+1, C, H, W] float
+    assert out.shape == obs.shape and out.dtype == torch.float32
+    for b in range(B):
+        for k in range(K1):
+            (r, c) = torch.nonzero(out[b, k, 0]).tolist()[0]
+            assert abs(r - 6) <= 4 and abs(c - 6) <= 4
+            assert 0.9 - 1e-6 <= out[b, k, 0, r, c] <= 1.1 + 1e-6     # intensity 1 + 0.05 clip(N, -2, 2)
+        torch.testing.assert_close(out[b, 1], out[b, 2])              # targets: one shift and intensity per sample
+    assert not all(torch.equal(out[b, 0], out[b, 1]) for b in range(B))   # the input stack draws its own
+
+
+def test_ablation_switches_act_where_the_math_changes():
+    torch.manual_seed(0)
+    model = train.make_model((4,), 2, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10, proj_hid=8,
+                             proj_out=8, pred_hid=8, pred_out=8)
+    B, K = 4, 5
+    obs, actions, mask = torch.randn(B, K + 1, 4), torch.randint(0, 2, (B, K)), torch.ones(B, K)
+    targets = Targets(torch.rand(B, K + 1), torch.rand(B, K), torch.full((B, K + 1, 2), 0.5), torch.full((B,), 5))
+    losses, _ = train.unroll_losses(model, obs, actions, mask, targets, Config(consistency=False))
+    assert (losses[3] == 0).all() and (losses[:3] > 0).all()          # --no-consistency: no SimSiam term
+    losses, _ = train.unroll_losses(model, obs, actions, mask, targets, Config())
+    assert (losses[3] != 0).all() and (losses[3].abs() <= K).all()   # a sum of K negative cosines
+    # --no-value-prefix: zeta = 1 everywhere, so every unroll step starts from a zero LSTM state (one-step reward)
+    cfg = tiny_cartpole(value_prefix=False)
+    assert cfg.lstm_horizon_len == 1 and tiny_cartpole().lstm_horizon_len == 5
+    seen, step = [], model.recurrent_inference
+    model.recurrent_inference = lambda latent, lstm, a: seen.append(lstm[0].abs().sum().item()) or step(latent, lstm, a)
+    train.unroll_losses(model, obs, actions, mask, targets, cfg)
+    assert seen == [0.0] * K
+    seen.clear()
+    train.unroll_losses(model, obs, actions, mask, targets, Config())
+    assert seen[0] == 0 and all(s > 0 for s in seen[1:])              # the prefix LSTM carries its state
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and errors
+# ---------------------------------------------------------------------------------------------
+
+def fill_and_learn(st, cfg, env, updates):
+    """Random transitions into the buffer, then a few updates; -> the env's current obs."""
+    obs = env.reset()
+    while len(st.buf) < cfg.start_transitions:
+        actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
+        next_obs, reward, done, info = env.step(actions)
+        st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs), np.full((cfg.num_envs, 2), 0.5),
+                   info["final_obs"])
+        obs = next_obs
+    for _ in range(updates):
+        one_update(st, cfg)
+    return obs
+
+
+def one_update(st, cfg):
+    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, st.rng)
+    train.train_step(st, batch, reanalyze(batch, st.buf, st.target_model, cfg, st.generator, st.device), cfg)
+    train.refresh_networks(st, cfg)
+
+
+def test_checkpoint_round_trip_restores_everything_and_continues_identically(tmp_path):
+    cfg = tiny_cartpole(save_buffer=True, target_refresh_interval=2, selfplay_refresh_interval=1)
+    env = make_env(cfg.game, cfg.num_envs, 0)
+    st = train.build(cfg, env, torch.device("cpu"))
+    obs = fill_and_learn(st, cfg, env, updates=3)
+    st.env_steps, st.games, st.last_eval = 123, 4, 17.5
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, train.checkpoint(st, cfg, obs))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                        # written via a temporary file + rename
+    train.truncate_running_episodes(st.buf, obs)                      # as a resumed buffer (envs are not saved)
+    one_update(st, cfg)                                               # the run goes on ...
+
+    other = train.build(cfg, env, torch.device("cpu"))                # ... and a resumed run does the same update
+    train.restore(other, train.load_checkpoint(path))
+    assert (other.updates, other.env_steps, other.games, other.last_eval) == (3, 123, 4, 17.5)
+    assert len(other.buf) == len(st.buf)
+    n = len(other.buf)
+    assert other.buf.dones[n - cfg.num_envs:n].all()                  # running episodes end at the checkpoint
+    one_update(other, cfg)
+    for name in ("model", "target_model", "selfplay_model"):
+        for (k, a), b in zip(getattr(st, name).state_dict().items(), getattr(other, name).state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+    for a, b in zip(st.optimizer.state_dict()["state"].values(), other.optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert torch.equal(st.generator.get_state(), other.generator.get_state())
+    env.close()
+
+
+def test_missing_corrupt_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(UsageError, match="no checkpoint at"):
+        train.load_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UsageError, match="corrupt"):
+        train.load_checkpoint(str(tmp_path / "bad.pt"))
+    torch.save({"model": {}}, tmp_path / "dict.pt")
+    with pytest.raises(UsageError, match="not a train.py checkpoint"):
+        train.load_checkpoint(str(tmp_path / "dict.pt"))
+    cfg = tiny_cartpole()
+    env = make_env(cfg.game, cfg.num_envs, 0)
+    st = train.build(cfg, env, torch.device("cpu"))
+    train.save_checkpoint(str(tmp_path / "ckpt.pt"), train.checkpoint(st, cfg, env.reset()))
+    with pytest.raises(UsageError, match="is a run of CartPole-v1, not Pong"):
+        train.main(["--resume", str(tmp_path / "ckpt.pt"), "--game", "Pong"])
+    env.close()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(game="NotAGame"), "unknown game"),
+    (dict(num_simulations=0), "--num-simulations is 0"),
+    (dict(training_steps=-5), "--training-steps is -5"),
+    (dict(last_steps=-1), "--last-steps is -1"),
+    (dict(batch_size=256), "larger than the buffer can give"),
+    (dict(start_transitions=10_000), "learning could never start"),
+])
+def test_impossible_configurations_are_refused(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        tiny_cartpole(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs
+# ---------------------------------------------------------------------------------------------
+
+def run_train(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_smoke_run_atari_collects_learns_evaluates_checkpoints_and_resumes(tmp_path):
+    out = run_train("--preset", "atari-quick", "--game", "Pong", "--training-steps", "20", "--last-steps", "0",
+                    "--eval-interval", "20", "--save-buffer", "--runs-dir", str(tmp_path))
+    (run,) = os.listdir(tmp_path)
+    run_dir = tmp_path / run
+    assert run.startswith("Pong__efficientzero__0__")
+    assert {"ckpt.pt", "config.json", "metrics.csv", "eval.csv"} <= set(os.listdir(run_dir))
+    assert "eval at update 20" in out
+    ckpt = train.load_checkpoint(str(run_dir / "ckpt.pt"))
+    assert ckpt["counters"]["updates"] == 20 and ckpt["counters"]["env_steps"] >= 64
+    assert len(ckpt["buffer"]["actions"]) == ckpt["counters"]["env_steps"]
+
+    out = run_train("--resume", str(run_dir / "ckpt.pt"), "--training-steps", "30", "--last-steps", "4")
+    assert "resumed" in out and "update 20" in out
+    ckpt = train.load_checkpoint(str(run_dir / "ckpt.pt"))
+    assert ckpt["counters"]["updates"] == 34                          # 30 while collecting + 4 offline
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert int(rows[-1]["updates"]) == 34 and int(rows[-1]["env_steps"]) > 64
+    assert all(np.isfinite(float(rows[-1][f"loss_{n}"])) for n in train.LOSSES)
+    assert len(open(run_dir / "eval.csv").read().splitlines()) == 2  # at update 20, and at the end
+
+
+def test_cartpole_learns():
+    """The proof that self-play, search, replay, reanalysis and all four losses work together: the mean
+    evaluation return (8 games, argmax of a no-noise search) rises from ~10-22 to at least 150."""
+    run_dir = train.main(["--preset", "cartpole", "--seed", "0", "--runs-dir", os.path.join(ROOT, "runs", "tests")])
+    rows = [line.split(",") for line in open(os.path.join(run_dir, "eval.csv")).read().splitlines()]
+    curve = [(int(r[0]), float(r[2])) for r in rows]                 # (env steps, mean eval return)
+    print("CartPole learning curve (env steps, eval return):", curve)
+    assert curve[-1][1] >= 150, curve
