@@ -464,23 +464,6 @@ def evaluate(model, cfg, episodes, seed, max_episode_steps, num_simulations, fra
     return scores, lengths
 
 
-def truncate_running_episodes(buf, obs):
-    """End every episode still running in a restored buffer at its newest transition, with final
-    observation obs [E, *O] (the envs are not restored on resume). Needs replay.py internals: see README."""
-    E, n = buf.num_envs, len(buf)
-    for e in range(E):
-        last = n - E + e
-        if last < 0 or buf.dones[last]:
-            continue
-        buf.dones[last] = True
-        buf.ep_end[buf.cur_start[e]:last + 1:E] = last
-        if buf.num_final == len(buf.final_frames):
-            buf.final_frames = np.concatenate([buf.final_frames, np.empty_like(buf.final_frames)])
-        buf.final_frames[buf.num_final] = buf._newest_frame(obs[e:e + 1])[0]
-        buf.final_slot[last], buf.num_final = buf.num_final, buf.num_final + 1
-        buf.cur_start[e] = n + e
-
-
 # ---------------------------------------------------------------------------------------------
 # Run state: networks, optimizer, buffer, counters, random generators (all of it goes in ckpt.pt)
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +480,8 @@ def build(cfg, env, device):
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"),
         buf=ReplayBuffer(cfg.total_transitions, cfg.num_envs, env.frame_shape, env.stack, env.num_actions,
-                         alpha=cfg.priority_alpha, frame_dtype=np.uint8 if env.is_atari else np.float32),
+                         alpha=cfg.priority_alpha, frame_dtype=np.uint8 if env.is_atari else np.float32,
+                         device=device),                    # frames on the training device: stacks gathered there
         generator=torch.Generator(device).manual_seed(cfg.seed),   # search noise, tie-breaks, action sampling
         rng=np.random.default_rng(cfg.seed),                       # replay sampling, random warm-up actions
         env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"))
@@ -537,7 +521,7 @@ def restore(st, ckpt):
     st.rng.bit_generator.state = rng["replay"]
     if ckpt["buffer"] is not None:
         st.buf.load_state_dict(ckpt["buffer"])
-        truncate_running_episodes(st.buf, ckpt["obs"])
+        st.buf.end_running_episodes(ckpt["obs"])
 
 
 # ---------------------------------------------------------------------------------------------

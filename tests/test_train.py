@@ -166,7 +166,7 @@ def test_checkpoint_round_trip_restores_everything_and_continues_identically(tmp
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(path, train.checkpoint(st, cfg, obs))
     assert os.listdir(tmp_path) == ["ckpt.pt"]                        # written via a temporary file + rename
-    train.truncate_running_episodes(st.buf, obs)                      # as a resumed buffer (envs are not saved)
+    st.buf.end_running_episodes(obs)                      # as a resumed buffer (envs are not saved)
     one_update(st, cfg)                                               # the run goes on ...
 
     other = train.build(cfg, env, torch.device("cpu"))                # ... and a resumed run does the same update
