@@ -2,6 +2,8 @@
 
     python bench.py search                      # all cases: B {16,64,256,1536} x N {16,50} x A {9,18}
     python bench.py search --settings tree-only --B 256 --N 50 --A 9 --backend torch
+    python bench.py train                       # the paper's configuration on MsPacman
+    python bench.py train --preset cartpole --updates 200
 
 search: time of one whole `mcts.search` call (root given, as the peer harness does), median and
 min/max over repeats after warm-up, configurations interleaved over rounds so that slow phases of
@@ -12,6 +14,12 @@ a noisy machine hit all of them alike. Settings:
              (next, c). Measures the tree operations and the search loop.
   atari-net  the real Atari network of model.py, make_model((12, 96, 96), A), random weights
              (on a CPU only small B are practical).
+train: the real loop of train.py (learner_step and selfplay_step, the same functions) after the
+buffer is filled with random transitions: rounds of U updates and one self-play step of the E envs,
+U = E * training_steps / total_transitions (the paper: 4 updates per step of 4 envs, one env step per
+update). Reports the median time of an update and of a self-play step, updates/s and env steps/s
+of the timed rounds, and the projected time of the whole run: training_steps in such rounds plus
+last_steps offline updates (evaluation not included).
 The defaults pick --threads 1: the search is thousands of small ops, and on a busy machine a
 second OpenMP thread makes every op wait for a free core (10x slower here; the peer harness's
 torch model suffers the same, run it with OMP_NUM_THREADS=1 to compare like with like).
@@ -28,6 +36,8 @@ import numpy as np
 import torch
 
 import mcts
+import train
+from atari import make_env
 from model import NetworkOutput, inverse_scalar_transform, make_model
 
 
@@ -128,6 +138,70 @@ def bench_search(args):
         print(json.dumps(c.record()), flush=True)
 
 
+def bench_train(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = train.check_config(train.Config(**{**train.PRESETS.get(args.preset, {}),
+                                             **({"game": args.game} if args.game else {}), "device": args.device}))
+    device = torch.device(args.device)
+    env = make_env(cfg.game, cfg.num_envs, cfg.seed, train=True, max_episode_steps=cfg.max_episode_steps)
+    st = train.build(cfg, env, device)
+    obs, fill = env.reset(), max(args.fill or cfg.start_transitions, cfg.start_transitions)
+    uniform = np.full((cfg.num_envs, env.num_actions), 1 / env.num_actions, np.float32)
+    t0 = time.perf_counter()
+    while len(st.buf) < fill:  # random play, as train.py before learning starts
+        actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
+        next_obs, reward, done, info = env.step(actions)
+        st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs, np.float32), uniform, info["final_obs"])
+        obs = next_obs
+    print(f"filled the buffer with {len(st.buf):,} random transitions in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr, flush=True)
+    ratio = cfg.num_envs * cfg.training_steps / cfg.total_transitions        # updates per self-play step
+    per_round, steps_per_round = (max(1, round(ratio)), 1) if ratio >= 1 else (1, round(1 / ratio))
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    tree, learn, play, rounds = None, [], [], []
+    warmup_rounds = -(-args.warmup // per_round)
+    total_rounds = warmup_rounds + -(-args.updates // per_round)
+    for r in range(total_rounds):
+        t_round = time.perf_counter()
+        times = [timed(lambda: train.learner_step(st, cfg))[1] for _ in range(per_round)]
+        steps = []
+        for _ in range(steps_per_round):
+            (obs, tree, _), t_play = timed(lambda: train.selfplay_step(st, env, obs, tree, cfg))
+            steps.append(t_play)
+        if r >= warmup_rounds:
+            learn += times
+            play += steps
+            rounds.append(time.perf_counter() - t_round)
+        print(f"round {r + 1}/{total_rounds}: {per_round} updates {1e3 * statistics.mean(times):.1f} ms each, "
+              f"{steps_per_round} self-play steps {1e3 * statistics.mean(steps):.1f} ms each", file=sys.stderr,
+              flush=True)
+    env.close()
+    wall = sum(rounds)
+    learn_ms, play_ms = 1e3 * statistics.median(learn), 1e3 * statistics.median(play)
+    round_s = statistics.median(rounds)
+    projected = cfg.training_steps / per_round * round_s + cfg.last_steps * learn_ms / 1e3
+    print(json.dumps({
+        "bench": "train", "device": str(device), "game": cfg.game, "preset": args.preset,
+        "num_envs": cfg.num_envs, "batch_size": cfg.batch_size, "num_simulations": cfg.num_simulations,
+        "amp": st.scaler.is_enabled(), "search_backend": mcts.resolve_backend(cfg.search_backend, device),
+        "buffer": len(st.buf), "updates_per_round": per_round, "selfplay_steps_per_round": steps_per_round, "timed_updates": len(learn),
+        "update_ms_median": round(learn_ms, 2), "selfplay_step_ms_median": round(play_ms, 2),
+        "updates_per_s": round(len(learn) / wall, 3), "env_steps_per_s": round(len(play) * cfg.num_envs / wall, 3),
+        "total_updates": cfg.training_steps + cfg.last_steps,
+        "projected_hours": round(projected / 3600, 3), "torch_threads": torch.get_num_threads(),
+    }), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,6 +220,16 @@ def main():
                    help="torch CPU threads (0: torch's default). The search is many small ops: on a "
                         "busy machine a second OpenMP thread makes them wait for a core")
     s.set_defaults(func=bench_search)
+    t = sub.add_parser("train", help="time the training loop and project a full run")
+    t.add_argument("--preset", choices=sorted(train.PRESETS), help="a train.py preset (default: the paper's config)")
+    t.add_argument("--game", help="default: the preset's, else MsPacman")
+    t.add_argument("--updates", type=int, default=20, help="timed updates (rounded up to whole rounds)")
+    t.add_argument("--warmup", type=int, default=4, help="untimed updates first")
+    t.add_argument("--fill", type=int, default=0, help="random transitions in the buffer first (default: "
+                   "the config's start_transitions)")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    t.set_defaults(func=bench_train)
     args = ap.parse_args()
     print(json.dumps({"meta": True, "cmd": " ".join(sys.argv), "torch": torch.__version__}), file=sys.stderr)
     args.func(args)
