@@ -250,9 +250,6 @@ def test_smoke_run_atari_collects_learns_evaluates_checkpoints_and_resumes(tmp_p
     assert len(open(run_dir / "eval.csv").read().splitlines()) == 2  # at update 20, and at the end
 
 
-@pytest.mark.skipif(os.environ.get("EZ_LEARNING_TEST") != "1",
-                    reason="opt-in (EZ_LEARNING_TEST=1): the cartpole preset reaches 150 with some seeds and not "
-                           "others (seed 0 did not on 2026-11-25; README 'Status'), so it is not in CI yet")
 def test_cartpole_learns(tmp_path):
     """The proof that self-play, search, replay, reanalysis and all four losses work together: with the
     cartpole preset and seed 0, the mean evaluation return (8 games, argmax of a no-noise search) rises
