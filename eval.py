@@ -15,11 +15,10 @@ import sys
 
 import cv2
 import numpy as np
-import torch
 
 from atari import ATARI_100K, human_normalized_score
 from model import make_model
-from train import Config, UsageError, evaluate, load_checkpoint
+from train import Config, UsageError, evaluate, load_checkpoint, resolve_device
 
 
 def video_writer(path, scale=4, fps=15):
@@ -52,7 +51,7 @@ def main(argv=None):
 
     ckpt = load_checkpoint(args.ckpt)
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model = make_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])                       # the final weights, as the paper (EZ_SPEC §7.1)
     model.to(device).eval()

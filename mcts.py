@@ -295,6 +295,13 @@ class SearchResult(NamedTuple):
     tree: Tree  # reusable for the next search of the same size; tree.depth[:, 1:] = expanded depths
 
 
+def search_kwargs(cfg) -> dict:
+    """The search constants of a train.Config as keyword arguments of search (EZ_SPEC §3)."""
+    return dict(gamma=cfg.discount, pb_c_base=cfg.pb_c_base, pb_c_init=cfg.pb_c_init,
+                root_dirichlet_alpha=cfg.root_dirichlet_alpha, root_exploration_fraction=cfg.root_exploration_fraction,
+                lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend)
+
+
 def search(model, root, num_simulations: int, *, add_noise: bool, generator: torch.Generator,
            gamma: float = 0.997**4, pb_c_base: float = 19652, pb_c_init: float = 1.25,
            root_dirichlet_alpha: float = 0.3, root_exploration_fraction: float = 0.25,

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mcts import search
+from mcts import search, search_kwargs
 
 
 class Targets(NamedTuple):
@@ -83,12 +83,7 @@ def reanalyze(batch, buf, target_model, cfg, generator, device):
     """
     target_model.eval()                                                     # BN running stats (EZ_SPEC §5)
     K, B = cfg.num_unroll_steps, len(batch.indices)
-    search_args = dict(num_simulations=cfg.num_simulations, add_noise=True, generator=generator,
-                       gamma=cfg.discount, pb_c_base=cfg.pb_c_base, pb_c_init=cfg.pb_c_init,
-                       root_dirichlet_alpha=cfg.root_dirichlet_alpha,
-                       root_exploration_fraction=cfg.root_exploration_fraction,
-                       lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max,
-                       backend=cfg.search_backend)
+    search_args = dict(num_simulations=cfg.num_simulations, add_noise=True, generator=generator, **search_kwargs(cfg))
     horizon = td_horizon(batch.ages, cfg.training_steps, cfg.td_steps, cfg.off_policy_correction)  # [B] on host
     rewards = torch.as_tensor(batch.rewards, device=device)                 # [B, W]
     episode_left = torch.as_tensor(batch.episode_left, device=device)       # [B]

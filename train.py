@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from atari import canonical_game, make_env
-from mcts import search, select_action
+from mcts import search, search_kwargs, select_action
 from model import make_model, scalar_to_support
 from reanalyze import reanalyze
 from replay import ReplayBuffer
@@ -298,11 +298,9 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def search_kwargs(cfg):
-    """The search constants of Config as keyword arguments of mcts.search (EZ_SPEC §3)."""
-    return dict(gamma=cfg.discount, pb_c_base=cfg.pb_c_base, pb_c_init=cfg.pb_c_init,
-                root_dirichlet_alpha=cfg.root_dirichlet_alpha, root_exploration_fraction=cfg.root_exploration_fraction,
-                lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend)
+def resolve_device(name):
+    """"auto" -> cuda when available, else cpu; any other name as given (train.py and eval.py --device)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,7 +586,7 @@ def evaluate_and_log(st, cfg, run_dir, writer, elapsed):
 
 def train(cfg, ckpt=None, run_dir=None):
     """Run (or, given a checkpoint dict and its directory, continue) a training run. -> the run directory."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)  # seeding once (CleanRL); a resumed run restores every state below instead

@@ -258,6 +258,7 @@ def test_cartpole_learns(tmp_path):
     cfg = train.check_config(Config(**train.PRESETS["cartpole"]))
     env = make_env(cfg.game, 1, 0)
     untrained = make_model(**train.model_args(cfg, env.obs_shape, env.num_actions))
+    env.close()
     baseline, _ = train.evaluate(untrained, cfg, cfg.eval_episodes, cfg.seed + cfg.num_envs,
                                  cfg.eval_max_episode_steps, cfg.num_simulations)
     out = run_train("--preset", "cartpole", "--seed", "0", "--runs-dir", str(tmp_path), timeout=900)
