@@ -56,7 +56,7 @@ class TreeOnlyModel:
         out = x @ self.H
         return out[:, : self.A], inverse_scalar_transform(out[:, self.A]), inverse_scalar_transform(out[:, self.A + 1])
 
-    def recurrent_inference(self, latent, lstm_state, action):
+    def recurrent_inference(self, latent, lstm_state, action, depth):
         nxt = torch.tanh((self.W[action] * latent.unsqueeze(1)).sum(-1))  # [B, D] tanh(W[a] @ latent)
         logits, value, value_prefix = self.heads(nxt)
         return NetworkOutput(nxt, (nxt, lstm_state[1]), value_prefix, value, logits, None, None)

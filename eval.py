@@ -15,10 +15,36 @@ import sys
 
 import cv2
 import numpy as np
+import torch
 
-from atari import ATARI_100K, human_normalized_score
+from atari import ATARI_100K, human_normalized_score, make_env
+from config import Config, UsageError, load_checkpoint, resolve_device
+from mcts import run_search, select_action
 from model import make_model
-from train import Config, UsageError, evaluate, load_checkpoint, resolve_device
+
+
+def evaluate(model, cfg, episodes, seed, max_episode_steps, num_simulations, frame_fn=None):
+    """Play `episodes` games in parallel with the argmax of a no-noise search (EZ_SPEC §7.1).
+    -> raw scores [episodes], lengths [episodes]. frame_fn(obs) sees every observation of game 0."""
+    env = make_env(cfg.game, episodes, seed, train=False, max_episode_steps=max_episode_steps)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    was_training, tree = model.training, None
+    model.eval()
+    scores, lengths = np.full(episodes, np.nan), np.zeros(episodes, np.int64)
+    obs = env.reset()
+    while np.isnan(scores).any():  # games that ended keep playing (one batch shape); only the first game counts
+        result = run_search(model, obs, cfg, num_simulations, False, generator, tree)
+        tree = result.tree
+        actions = select_action(result.visit_counts, 1.0, generator, deterministic=True).cpu().numpy()  # sync point
+        if frame_fn is not None and np.isnan(scores[0]):
+            frame_fn(obs[0])
+        obs, _, _, info = env.step(actions)
+        over = info["game_over"] & np.isnan(scores)
+        scores[over], lengths[over] = info["episode_return"][over], info["episode_length"][over]
+    env.close()
+    model.train(was_training)
+    return scores, lengths
+
 
 
 def video_writer(path, scale=4, fps=15):

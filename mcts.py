@@ -344,7 +344,8 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
             parent, action, depth = select_fn(tree, pb_c_base, pb_c_init, gamma, value_delta_max)
             rows = first + parent  # [B]
             out = model.recurrent_inference(
-                latent_of.index_select(0, rows), (h_of.index_select(0, rows), c_of.index_select(0, rows)), action
+                latent_of.index_select(0, rows), (h_of.index_select(0, rows), c_of.index_select(0, rows)), action,
+                depth,  # [B] the new node's depth: BatchNorm statistics of that unroll depth (model.py)
             )
             # LSTM reset (EZ_SPEC §3): the new node at depth % lstm_horizon_len == 0 stores a zero state
             keep = (depth % lstm_horizon_len != 0).float()[:, None]  # [B, 1]
@@ -361,6 +362,15 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
         root_values = tree.value_sum[:, ROOT] / tree.visit_count[:, ROOT]  # [B]
     # copies made outside inference mode are ordinary tensors (usable as training targets)
     return SearchResult(visit_counts.clone(), root_values.clone(), tree)
+
+
+@torch.no_grad()
+def run_search(model, obs, cfg, num_simulations, add_noise, generator, tree):
+    """One batched search over all envs' observations obs [E, *O] (the model must be in eval mode)."""
+    root = model.initial_inference(torch.as_tensor(obs, device=generator.device))
+    return search(model, root, num_simulations, add_noise=add_noise, generator=generator, tree=tree,
+                  **search_kwargs(cfg))
+
 
 
 def select_action(visit_counts: torch.Tensor, temperature: float, generator: torch.Generator,

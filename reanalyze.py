@@ -1,6 +1,6 @@
 """Training targets of EfficientZero, recomputed with the target network when a batch is sampled.
 
-EfficientZero (arXiv:2111.00210) reanalysis as read from the official code, ../shared/EZ_SPEC.md §5:
+EfficientZero (arXiv:2111.00210) reanalysis as read from the official code, EZ_SPEC.md §5:
 - value targets: n-step returns bootstrapped from the target network's value of o_{t+j+l} (§5.2), with the
   TD horizon l shrinking with the age of the data (§5.1, the paper's off-policy correction, value side);
 - value-prefix targets: undiscounted reward sums since the last LSTM reset (§5.3);

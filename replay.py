@@ -1,6 +1,6 @@
 """Prioritized replay of whole trajectories, stored in lockstep, with batch assembly for K unroll steps.
 
-EfficientZero (arXiv:2111.00210) replay as read from the official code: ../shared/EZ_SPEC.md §4.2 (batch
+EfficientZero (arXiv:2111.00210) replay as read from the official code: EZ_SPEC.md §4.2 (batch
 layout), §4.4 (storage, PER), §1 (frame stack). Differences from the original, on purpose:
 - whole episodes instead of 400-step blocks, so nothing is padded or cut at block boundaries
   (EZ_SPEC App. B.5; the original's "fake terminal" at block ends, §5.2 quirks a/b, is gone);

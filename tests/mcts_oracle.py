@@ -120,7 +120,7 @@ def run_search(model, latent, lstm_state, root_value, root_prior, tiebreak, num_
         with torch.no_grad():
             out = model.recurrent_inference(
                 parent.latent[None], (parent.lstm_state[0][None], parent.lstm_state[1][None]),
-                torch.tensor([action]),
+                torch.tensor([action]), torch.tensor([parent.depth + 1]),
             )
         depth = parent.depth + 1
         is_reset = depth % cfg["lstm_horizon_len"] == 0

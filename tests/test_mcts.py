@@ -40,7 +40,7 @@ class LinearModel:
         value = (latent * self.value_w).sum(1) + 3 * s  # [B]
         return logits, value
 
-    def recurrent_inference(self, latent, lstm_state, action):
+    def recurrent_inference(self, latent, lstm_state, action, depth):
         s = latent[:, :1]  # [B, 1]
         nxt = torch.tanh((self.W[action] * latent[:, None, :]).sum(-1))  # [B, D]
         nxt = torch.cat([s, nxt[:, 1:]], 1)

@@ -44,7 +44,7 @@ class FakeModel:
         self.w_lstm = (0.5 * torch.randn(D, H, generator=g)).to(device)  # [D, H]
         self.w_head = torch.randn(D, A + 2, generator=g).to(device)  # [D, A + 2]
 
-    def recurrent_inference(self, latent, lstm_state, action):
+    def recurrent_inference(self, latent, lstm_state, action, depth):
         x = latent @ self.w_latent + self.w_action[action]  # [B, D] (a gather: no host sync on CUDA)
         latent = torch.tanh(x)  # [B, D]
         h = torch.tanh(x @ self.w_lstm + lstm_state[0])  # [B, H]
@@ -285,7 +285,7 @@ def cuda_checks():
         for i in range(1, S + 1):
             parent, action, depth = mcts_kernel.select(tree, 19652, 1.25, GAMMA, 0.01)
             lstm_state = (tree.lstm_h[b, parent], tree.lstm_c[b, parent])
-            o = model.recurrent_inference(tree.latent[b, parent], lstm_state, action)
+            o = model.recurrent_inference(tree.latent[b, parent], lstm_state, action, depth)
             keep = (depth % 5 != 0)[:, None]
             tree.latent[:, i] = o.latent
             tree.lstm_h[:, i] = torch.where(keep, o.lstm_state[0], 0.0)

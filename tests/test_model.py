@@ -129,7 +129,7 @@ def test_atari_output_shapes(atari_net, B):
         assert out.value.shape == out.value_prefix.shape == (B,)
         assert out.policy_logits.shape == (B, 9) and out.value_logits.shape == (B, 601)
         assert out.value_prefix_logits is None
-        rec = atari_net.recurrent_inference(out.latent, out.lstm_state, torch.arange(B) % 9)
+        rec = atari_net.recurrent_inference(out.latent, out.lstm_state, torch.arange(B) % 9, 1)
         assert rec.latent.shape == (B, 64, 6, 6)
         assert rec.value_prefix_logits.shape == rec.value_logits.shape == (B, 601)
         assert rec.value.shape == rec.value_prefix.shape == (B,)
@@ -141,7 +141,7 @@ def test_at_init_policy_uniform_value_and_prefix_zero(atari_net):
     obs = torch.randint(0, 256, (5, 12, 96, 96), dtype=torch.uint8)
     with torch.no_grad():
         out = atari_net.initial_inference(obs)
-        rec = atari_net.recurrent_inference(out.latent, out.lstm_state, torch.tensor([0, 3, 8, 1, 2]))
+        rec = atari_net.recurrent_inference(out.latent, out.lstm_state, torch.tensor([0, 3, 8, 1, 2]), 1)
     for o in (out, rec):
         torch.testing.assert_close(torch.softmax(o.policy_logits, -1), torch.full((5, 9), 1 / 9))
         assert torch.equal(o.value, torch.zeros(5))
@@ -162,11 +162,11 @@ def test_action_enters_as_a_constant_plane(atari_net):
     s = torch.randn(2, 64, 6, 6)
     zeros = (torch.zeros(2, 512), torch.zeros(2, 512))
     with torch.no_grad():
-        n0 = atari_net.recurrent_inference(s, zeros, torch.tensor([0, 0])).latent
-        n5 = atari_net.recurrent_inference(s, zeros, torch.tensor([5, 5])).latent
+        n0 = atari_net.recurrent_inference(s, zeros, torch.tensor([0, 0]), 1).latent
+        n5 = atari_net.recurrent_inference(s, zeros, torch.tensor([5, 5]), 1).latent
         dyn = atari_net.dynamics
         plane = torch.full((2, 1, 6, 6), 5 / 9)
-        manual = dyn.res(torch.relu(dyn.bn(dyn.conv(torch.cat([s, plane], 1))) + s))
+        manual = dyn.res(torch.relu(dyn.bn(dyn.conv(torch.cat([s, plane], 1)), 1) + s), 1)
     assert not torch.allclose(n0, n5)
     torch.testing.assert_close(n5, manual)
 
@@ -179,11 +179,11 @@ def test_lstm_state_threads_through_recurrent_inference():
     a = torch.tensor([1, 2, 3])
     with torch.no_grad():
         root = net.initial_inference(obs)
-        step1 = net.recurrent_inference(root.latent, root.lstm_state, a)
+        step1 = net.recurrent_inference(root.latent, root.lstm_state, a, 1)
         assert not torch.equal(step1.lstm_state[0], root.lstm_state[0])
         # The threaded state changes the next prefix; a fresh (zero) state gives another one
-        step2 = net.recurrent_inference(step1.latent, step1.lstm_state, a)
-        fresh = net.recurrent_inference(step1.latent, root.lstm_state, a)
+        step2 = net.recurrent_inference(step1.latent, step1.lstm_state, a, 2)
+        fresh = net.recurrent_inference(step1.latent, root.lstm_state, a, 2)
         assert not torch.allclose(step2.value_prefix_logits, fresh.value_prefix_logits)
         torch.testing.assert_close(step2.latent, fresh.latent)        # the state path has no LSTM
 
@@ -195,7 +195,7 @@ def test_mlp_variant_same_interface():
     obs = torch.randn(7, 4)
     with torch.no_grad():
         out = net.initial_inference(obs)
-        rec = net.recurrent_inference(out.latent, out.lstm_state, torch.zeros(7, dtype=torch.long))
+        rec = net.recurrent_inference(out.latent, out.lstm_state, torch.zeros(7, dtype=torch.long), 1)
     assert out.latent.shape == rec.latent.shape == (7, 16)
     assert rec.lstm_state[0].shape == (7, 8)
     assert rec.value_prefix_logits.shape == rec.value_logits.shape == (7, 21)
