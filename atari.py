@@ -16,7 +16,8 @@ runs behind the same constructor and step/info API, with float32 observations an
     obs, reward, done, info = env.step(actions)        # actions int [E]
 
 Autoreset happens in the same step: where done[i], obs[i] already starts the next episode and
-info["final_obs"][i] is the last observation of the ended one. info["game_over"] marks the end
+info["final_obs"][i] is the last observation of the ended one; info["truncated"][i] says the episode was
+cut by the time limit (max_episode_steps) rather than ended in a terminal state. info["game_over"] marks the end
 of a whole game (all lives, or the cap), where info["episode_return"] (raw score summed over all
 lives) and info["episode_length"] (agent steps) are valid. E = number of parallel envs.
 """
@@ -135,14 +136,16 @@ class AtariEnv:
 
         # EpisodicLife (EZ_SPEC §1, training only): a life loss ends the learning episode, the game goes on.
         # The new episode starts from the current frame (the original takes one more NOOP step first).
-        life_lost = (info["lives"] < self.lives) & ~game_over  # [E]
+        lives_dropped = info["lives"] < self.lives  # [E]
+        life_lost = lives_dropped & ~game_over  # [E]
         self.lives = info["lives"].copy()  # after a game over: the new game's lives
         done = (game_over | life_lost) if self.train else game_over  # [E]
+        cut = truncated & ~terminated & ~(lives_dropped & self.train)  # [E] ended by the time limit alone
         self.frames[done] = frame[done][:, None]  # new episode: 4 copies of its first frame
 
         self.episode_return += reward
         self.episode_length += 1
-        info = dict(final_obs=final_obs, game_over=game_over, lives=self.lives.copy(),
+        info = dict(final_obs=final_obs, game_over=game_over, truncated=cut, lives=self.lives.copy(),
                     episode_return=self.episode_return.copy(), episode_length=self.episode_length.copy())
         self.episode_return[game_over] = 0
         self.episode_length[game_over] = 0
@@ -178,16 +181,17 @@ class GymEnv:
     def step(self, actions):
         reward = np.zeros(self.num_envs, np.float32)  # [E]
         done = np.zeros(self.num_envs, bool)  # [E]
+        cut = np.zeros(self.num_envs, bool)  # [E] ended by the time limit, not a terminal state
         final_obs = np.zeros_like(self.obs)  # [E, D]
         for i, (env, a) in enumerate(zip(self.envs, np.asarray(actions))):
             o, reward[i], terminated, truncated, _ = env.step(int(a) + self.action_start)
             if terminated or truncated:
-                done[i], final_obs[i] = True, o.reshape(-1)
+                done[i], cut[i], final_obs[i] = True, truncated and not terminated, o.reshape(-1)
                 o, _ = env.reset()  # later resets draw from the env's own seeded RNG
             self.obs[i] = o.reshape(-1)
         self.episode_return += reward
         self.episode_length += 1
-        info = dict(final_obs=final_obs, game_over=done.copy(),
+        info = dict(final_obs=final_obs, game_over=done.copy(), truncated=cut,
                     episode_return=self.episode_return.copy(), episode_length=self.episode_length.copy())
         self.episode_return[done] = 0
         self.episode_length[done] = 0

@@ -43,6 +43,9 @@ class Config:
     total_transitions: int = 100_000
     """env steps stored in the buffer, the Atari 100k budget (EZ_SPEC §1); pacing keeps env steps at or below
     updates * total_transitions / training_steps, i.e. 1 env step per update in the paper (EZ_SPEC §6)"""
+    time_limit_terminal: bool = False
+    """end episodes cut by max_episode_steps as terminal (absorbing, value 0 after), as the original (EZ_SPEC §5.2
+    quirk c); off: they are truncated, and no value target bootstraps across the cut (README "Differences")"""
     start_transitions: int = 2_000
     """learning starts once the buffer holds this many transitions, 8000 frames // 4 (EZ_SPEC §4.1)"""
     # ---- learner ----

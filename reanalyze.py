@@ -9,13 +9,12 @@ EfficientZero (arXiv:2111.00210) reanalysis as read from the official code, EZ_S
 Everything is batched: one initial_inference over all B * (K+1) bootstrap stacks, one search over all
 policy roots (Appendix B.1: the original also searches its 253 x 6 roots at once).
 
-All functions take and return torch tensors on the learner's device; `reanalyze` moves the numpy batch
-there once. Shape letters: B batch, K unroll steps, W = K + td_steps, A actions, O obs shape.
+All functions take and return torch tensors on the learner's device (the replay batch is already there).
+Shape letters: B batch, K unroll steps, W = K + td_steps, A actions, O obs shape.
 """
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from mcts import search, search_kwargs
@@ -34,7 +33,7 @@ def td_horizon(ages, training_steps, td_steps=5, off_policy_correction=True):
     l = clip(td_steps - floor(age / (0.3 * training_steps)), 1, td_steps): 5 below 30k transitions, 4 below
     60k, ... for training_steps = 100k (the original's auto_td_steps = auto_td_steps_ratio * training_steps).
     """
-    ages = torch.as_tensor(ages).double()
+    ages = torch.as_tensor(ages).double()                                  # [B] (the buffer's device)
     if not off_policy_correction:  # ablation: the fixed MuZero horizon (issue #4: "off, l = 5"; the original
         return torch.full_like(ages, td_steps).long()  # divided by training_steps instead, EZ_SPEC §5.1)
     denominator = 0.3 * training_steps
@@ -74,41 +73,41 @@ def value_prefix_targets(rewards, episode_left, K, lstm_horizon_len):
 
 
 @torch.no_grad()
-def reanalyze(batch, buf, target_model, cfg, generator, device):
-    """All targets of a replay Batch from the target network (eval mode, EZ_SPEC §5). -> Targets on device.
+def reanalyze(batch, buf, target_model, cfg, generator):
+    """All targets of a replay Batch from the target network (eval mode, EZ_SPEC §5). -> Targets on the device.
 
     Search size: only the int(B * reanalyze_ratio) samples whose policy is reanalyzed are searched,
     R * (K+1) roots (the other samples' searches would be thrown away); past-the-end roots are searched
-    too (fixed shapes) and their targets zeroed.
+    too (fixed shapes) and their targets zeroed. No host sync: the batch, the buffer and the network share
+    the device.
     """
     target_model.eval()                                                     # BN running stats (EZ_SPEC §5)
     K, B = cfg.num_unroll_steps, len(batch.indices)
+    device = batch.rewards.device
     search_args = dict(num_simulations=cfg.num_simulations, add_noise=True, generator=generator, **search_kwargs(cfg))
-    horizon = td_horizon(batch.ages, cfg.training_steps, cfg.td_steps, cfg.off_policy_correction)  # [B] on host
-    rewards = torch.as_tensor(batch.rewards, device=device)                 # [B, W]
-    episode_left = torch.as_tensor(batch.episode_left, device=device)       # [B]
+    horizon = td_horizon(batch.ages, cfg.training_steps, cfg.td_steps, cfg.off_policy_correction)  # [B]
     j = torch.arange(K + 1, device=device)                                  # [K+1]
 
     # Value (EZ_SPEC §5.2): bootstrap from o_{t+j+l}. Offsets past the end are clamped by buf.stacks and
     # masked in value_targets, so the shapes stay fixed.
-    offsets = np.arange(K + 1)[None, :] + horizon.numpy()[:, None]          # [B, K+1]
-    bootstrap_obs = buf.stacks(np.repeat(batch.indices, K + 1), offsets.reshape(-1))  # [B*(K+1), *O]
-    out = target_model.initial_inference(torch.as_tensor(bootstrap_obs, device=device))
+    offsets = j[None, :] + horizon[:, None]                                 # [B, K+1]
+    bootstrap_obs = buf.stacks(batch.indices[:, None].expand(B, K + 1).reshape(-1), offsets.reshape(-1))
+    out = target_model.initial_inference(bootstrap_obs)                     # [B*(K+1), *O]
     if cfg.use_root_value:  # V = root value of a noisy search on o_{t+j+l} (EZ_SPEC §5.2, --use_root_value)
         bootstrap = search(target_model, out, **search_args).root_values    # [B*(K+1)]
     else:                   # V = the target network's value (train.sh default)
         bootstrap = out.value                                               # [B*(K+1)]
-    horizon = horizon.to(device)
-    value = value_targets(rewards, bootstrap.float().view(B, K + 1), horizon, episode_left, cfg.discount, K)
-    value_prefix = value_prefix_targets(rewards, episode_left, K, cfg.lstm_horizon_len)  # EZ_SPEC §5.3
+    value = value_targets(batch.rewards, bootstrap.float().view(B, K + 1), horizon, batch.episode_left,
+                          cfg.discount, K)
+    value_prefix = value_prefix_targets(batch.rewards, batch.episode_left, K, cfg.lstm_horizon_len)  # EZ_SPEC §5.3
 
     # Policy (EZ_SPEC §5.4): a noisy search of o_{t+j} for the first R samples, stored distributions for the rest.
-    policy = torch.as_tensor(batch.child_visits, device=device).clone()     # [B, K+1, A], 0 past the end
+    policy = batch.child_visits.clone()                                     # [B, K+1, A], 0 past the end
     R = int(B * cfg.reanalyze_ratio)
     if R > 0:
-        roots = target_model.initial_inference(torch.as_tensor(batch.obs[:R], device=device).flatten(0, 1))
+        roots = target_model.initial_inference(batch.obs[:R].flatten(0, 1))
         visits = search(target_model, roots, **search_args).visit_counts.float()   # [R*(K+1), A]
         visits = visits.view(R, K + 1, -1)
-        alive = (j < episode_left[:R, None])[..., None]                     # [R, K+1, 1] o_{t+j} before the end
+        alive = (j < batch.episode_left[:R, None])[..., None]               # [R, K+1, 1] o_{t+j} before the end
         policy[:R] = torch.where(alive, visits / visits.sum(-1, keepdim=True), 0.0)
     return Targets(value, value_prefix, policy, horizon)

@@ -1,29 +1,37 @@
-"""Prioritized replay of whole trajectories, stored in lockstep, with batch assembly for K unroll steps.
+"""Prioritized replay of whole trajectories, stored in lockstep on the training device, with batch assembly for
+K unroll steps.
 
-EfficientZero (arXiv:2111.00210) replay as read from the official code: EZ_SPEC.md §4.2 (batch
-layout), §4.4 (storage, PER), §1 (frame stack). Differences from the original, on purpose:
+EfficientZero (arXiv:2111.00210) replay as read from the official code: EZ_SPEC.md §4.2 (batch layout), §4.4
+(storage, PER), §1 (frame stack). Differences from the original, on purpose:
 - whole episodes instead of 400-step blocks, so nothing is padded or cut at block boundaries
   (EZ_SPEC App. B.5; the original's "fake terminal" at block ends, §5.2 quirks a/b, is gone);
-- each frame is stored once (not 4 stacked copies, not JPEG strings); stacks are rebuilt at sampling time,
-  on `device`: with the frames on the GPU (2.6 GB for 100k Atari transitions) the 2 x 1,536 stacks of a batch are
-  one gather there each, instead of host copies and about 340 MB of host-to-device transfer per update.
+- an episode cut by a time limit, or by a resumed run (its env restarts), ends *truncated*, not terminal: its
+  state after the cut is not absorbing, and it is sampled like an episode that is still running (only where
+  the K + td_steps transitions that its targets read are stored), so no target bootstraps past the cut
+  (the original treats its time limit as a terminal, EZ_SPEC §5.2 quirk c);
+- each frame is stored once (not 4 stacked copies, not JPEG strings); stacks are rebuilt at sampling time;
+- everything lives on `device`, and sampling, batch assembly and priority updates are tensor ops there with
+  no host sync: PER draws its batch by an exponential race (Efraimidis & Spirakis 2006: the B largest
+  p_i / Exp(1)_i are a draw without replacement with probabilities proportional to p_i, as the original's
+  np.random.choice(replace=False, p=...)), since torch.multinomial checks its input on the host.
 
 Layout. The E self-play envs append one transition each per `add`, so env e's consecutive transitions
 are E indices apart in one flat store: global index i = insertion order (it gives the data's age, §5.1).
-Transition i holds: the newest frame of the observation the action was taken in, the action, the raw and
-the sign-clipped reward, done, the self-play root value and visit distribution, and its episode's first
-index (`ep_start`) and last index (`ep_end`, -1 while the episode runs). The last observation of an
-ended episode (after its final action) goes to a small side store (`final_frames`).
+Transition i holds: the newest frame of the observation the action was taken in, the action, the
+sign-clipped reward, the self-play root value and visit distribution, its priority, and its episode's
+first index (`ep_start`), last index (`ep_end`, -1 while the episode runs), whether that end is terminal
+(`ep_terminal`) and where its final observation is (`final_slot`, -1 unless terminal). The last observation
+of a terminal episode (after its final action) goes to a small side store (`final_frames`). The host keeps
+only the counts and each env's running episode start, so `add` never reads the device.
 
 Stacks (EZ_SPEC §1): the stack at step t is frames t-3..t of the same episode, frame-major
 [f0 RGB, f1 RGB, ...]. Frame positions are clamped to the episode: before its first step the first frame
-repeats; after its last step comes the final observation, then the final observation repeats (as the
-original's padding with the last frame, EZ_SPEC §4.2).
+repeats; after the last step of a terminal episode comes the final observation, then the final observation
+repeats (as the original's padding with the last frame, EZ_SPEC §4.2).
 
 Shape letters: N capacity, E envs, A actions, B batch, K unroll steps, W = K + td_steps, S stack,
 F = frame_shape ([3, 96, 96] for Atari, [D] for vector tasks), O = obs_shape = [S * F[0], *F[1:]].
 Capacity: no eviction (the paper's 1e6 capacity never evicts in 100k); `add` refuses data past it.
-The big frame array is allocated with torch.empty, so pages that were never written cost no (host) memory.
 """
 
 from dataclasses import dataclass
@@ -33,36 +41,36 @@ import torch
 
 
 @dataclass
-class Batch:
-    indices: np.ndarray         # [B] int64 global indices t
-    weights: np.ndarray         # [B] float32 IS weights (N P(i))^-beta / max
-    obs: torch.Tensor           # [B, K+1, *O] stacks at t..t+K (final obs at t+episode_left, then clamped),
-                                # on the buffer's device
-    actions: np.ndarray         # [B, K] int64, uniform random where past the end
-    mask: np.ndarray            # [B, K] float32, 1 iff a_{t+k} exists
-    rewards: np.ndarray         # [B, W] float32 sign-clipped r_{t..t+W-1}, 0 past the end
-    episode_left: np.ndarray    # [B] int64 transitions from t to the episode end (t included), capped at W+1
-    child_visits: np.ndarray    # [B, K+1, A] float32 self-play visit distributions, 0 past the end
-    root_values: np.ndarray     # [B, K+1] float32 self-play root values, 0 past the end
-    ages: np.ndarray            # [B] int64 len(buf) - t
+class Batch:                    # every field a tensor on the buffer's device
+    indices: torch.Tensor       # [B] int64 global indices t
+    weights: torch.Tensor       # [B] f32 IS weights (N P(i))^-beta / max
+    obs: torch.Tensor           # [B, K+1, *O] stacks at t..t+K (final obs at t+episode_left, then clamped)
+    actions: torch.Tensor       # [B, K] int64, uniform random where past the end
+    mask: torch.Tensor          # [B, K] f32, 1 iff a_{t+k} exists
+    rewards: torch.Tensor       # [B, W] f32 sign-clipped r_{t..t+W-1}, 0 past the end
+    episode_left: torch.Tensor  # [B] int64 transitions from t to a terminal end (t included), capped at W+1
+    child_visits: torch.Tensor  # [B, K+1, A] f32 self-play visit distributions, 0 past the end
+    root_values: torch.Tensor   # [B, K+1] f32 self-play root values, 0 past the end
+    ages: torch.Tensor          # [B] int64 len(buf) - t
 
 
 class ReplayBuffer:
-    # per-transition arrays: name -> (dtype, shape after the transition axis); frames are separate
-    FIELDS = {"actions": (np.int64, ()), "raw_rewards": (np.float32, ()), "rewards": (np.float32, ()),
-              "dones": (np.bool_, ()), "root_values": (np.float32, ()), "priorities": (np.float64, ()),
-              "ep_start": (np.int64, ()), "ep_end": (np.int64, ()), "final_slot": (np.int64, ())}
+    # per-transition tensors: name -> (dtype, shape after the transition axis); frames are separate
+    FIELDS = {"actions": (torch.int64, ()), "rewards": (torch.float32, ()), "root_values": (torch.float32, ()),
+              "priorities": (torch.float32, ()), "ep_start": (torch.int64, ()), "ep_end": (torch.int64, ()),
+              "ep_terminal": (torch.bool, ()), "final_slot": (torch.int64, ())}
 
-    def __init__(self, capacity, num_envs, frame_shape, stack, num_actions, alpha=0.6, frame_dtype=np.uint8,
+    def __init__(self, capacity, num_envs, frame_shape, stack, num_actions, alpha=0.6, frame_dtype=torch.uint8,
                  device="cpu"):
         self.capacity, self.num_envs, self.stack, self.num_actions = capacity, num_envs, stack, num_actions
         self.frame_shape, self.alpha, self.device = tuple(frame_shape), alpha, torch.device(device)
-        self.frame_dtype = torch.from_numpy(np.empty(0, frame_dtype)).dtype
+        self.frame_dtype = frame_dtype if isinstance(frame_dtype, torch.dtype) else \
+            torch.from_numpy(np.empty(0, frame_dtype)).dtype
         self.obs_shape = (stack * self.frame_shape[0], *self.frame_shape[1:])
-        self.frames = self._empty_frames(capacity)                                 # [N, *F], paged in on write
+        self.frames = self._empty_frames(capacity)                                 # [N, *F]
         for name, (dtype, shape) in self.FIELDS.items():
-            setattr(self, name, np.zeros((capacity, *shape), dtype))
-        self.child_visits = np.zeros((capacity, num_actions), np.float32)          # [N, A]
+            setattr(self, name, torch.zeros((capacity, *shape), dtype=dtype, device=self.device))
+        self.child_visits = torch.zeros((capacity, num_actions), dtype=torch.float32, device=self.device)  # [N, A]
         self.final_frames = self._empty_frames(16)                                 # [episodes, *F], grows
         self.num_final = 0
         self.size = 0
@@ -72,134 +80,148 @@ class ReplayBuffer:
         return self.size
 
     def _empty_frames(self, n):
+        # torch.empty: on a CPU, pages never written cost no memory
         return torch.empty((n, *self.frame_shape), dtype=self.frame_dtype, device=self.device)
 
     def _newest_frame(self, obs):
         """[E, *O] -> [E, *F] on the buffer's device: the last frame of each stack (frame-major channels)."""
-        obs = torch.as_tensor(np.asarray(obs)).to(self.device)
+        obs = torch.as_tensor(np.asarray(obs) if not torch.is_tensor(obs) else obs).to(self.device)
         return obs.reshape(len(obs), self.stack, *self.frame_shape)[:, -1]
+
+    def _to_device(self, x, dtype):
+        return torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x)).to(self.device, dtype)
 
     # ---------------------------------------------------------------------------------------------
     # Storing
     # ---------------------------------------------------------------------------------------------
 
-    def add(self, obs, action, reward, done, root_value, visit_dist, final_obs=None):
+    def add(self, obs, action, reward, done, root_value, visit_dist, final_obs=None, truncated=None):
         """One lockstep step of the E envs. obs [E, *O] is the observation each action was taken in;
-        reward [E] raw; done [E] ends the episode after this transition; final_obs [E, *O] valid where done."""
+        action [E]; reward [E] raw; root_value [E] and visit_dist [E, A] (tensors on any device, or arrays);
+        done [E] (host) ends the episode after this transition: terminally, unless truncated [E] (host) says it
+        was cut (a time limit); final_obs [E, *O] (host) is the observation after a terminal step."""
         E, n = self.num_envs, self.size
         if n + E > self.capacity:
             raise ValueError(f"replay buffer full ({self.capacity} transitions); it does not evict")
         done = np.asarray(done, bool)
-        if done.any() and final_obs is None:
-            raise ValueError("final_obs is needed where done")
+        truncated = np.zeros(E, bool) if truncated is None else np.asarray(truncated, bool) & done
+        if (done & ~truncated).any() and final_obs is None:
+            raise ValueError("final_obs is needed where an episode ends terminally")
         new = slice(n, n + E)
         self.frames[new] = self._newest_frame(obs)
-        self.actions[new] = action
-        self.raw_rewards[new] = reward
-        self.rewards[new] = np.sign(reward)                       # EZ_SPEC §1: clipped reward for all targets
-        self.dones[new] = done
-        self.root_values[new] = root_value
-        self.child_visits[new] = visit_dist
-        self.priorities[new] = self.priorities[:n].max() if n else 1.0   # EZ_SPEC §4.1: new data at max priority
-        self.ep_start[new] = self.cur_start
+        self.actions[new] = self._to_device(action, torch.int64)
+        self.rewards[new] = torch.sign(self._to_device(reward, torch.float32))   # EZ_SPEC §1: clipped reward
+        self.root_values[new] = self._to_device(root_value, torch.float32)
+        self.child_visits[new] = self._to_device(visit_dist, torch.float32)
+        top = self.priorities[:n].amax() if n else torch.ones((), device=self.device)
+        self.priorities[new] = top.expand(E)                                   # EZ_SPEC §4.1: new data at max priority
+        self.ep_start[new] = torch.from_numpy(self.cur_start).to(self.device)
         self.ep_end[new] = -1
+        self.ep_terminal[new] = False
         self.final_slot[new] = -1
         self.size = n + E
         for e in np.flatnonzero(done):
-            self._end_episode(e, final_obs[e])
+            self._end_episode(e, None if truncated[e] else np.asarray(final_obs)[e])
 
     def _end_episode(self, e, final_obs):
-        """Close env e's running episode at its newest transition; final_obs [*O] follows its last action."""
+        """Close env e's running episode at its newest transition: terminal with final observation final_obs
+        [*O] (the one after its last action), or truncated when final_obs is None."""
         E, last = self.num_envs, self.size - self.num_envs + e
-        self.dones[last] = True
-        self.ep_end[self.cur_start[e]:last + 1:E] = last           # env e's steps are E apart
-        if self.num_final == len(self.final_frames):
-            self.final_frames = torch.cat([self.final_frames, torch.empty_like(self.final_frames)])
-        self.final_frames[self.num_final] = self._newest_frame(np.asarray(final_obs)[None])[0]
-        self.final_slot[last] = self.num_final
-        self.num_final += 1
+        episode = slice(int(self.cur_start[e]), last + 1, E)                    # env e's steps are E apart
+        self.ep_end[episode] = last
+        if final_obs is not None:
+            if self.num_final == len(self.final_frames):
+                self.final_frames = torch.cat([self.final_frames, torch.empty_like(self.final_frames)])
+            self.final_frames[self.num_final] = self._newest_frame(np.asarray(final_obs)[None])[0]
+            self.ep_terminal[episode] = True
+            self.final_slot[episode] = self.num_final
+            self.num_final += 1
         self.cur_start[e] = last + E
 
-    def end_running_episodes(self, final_obs):
-        """End every running episode at its newest transition, with final observation final_obs [E, *O]
-        (e.g. on resume, when the envs restart). Ended like any episode: no bootstrap past that transition."""
+    def truncate_running_episodes(self):
+        """Cut every running episode at its newest transition, as truncated (a resumed run restarts its envs):
+        its transitions keep the targets they would have had, the last K + td_steps are never sampled."""
         for e in range(self.num_envs):
             if self.cur_start[e] < self.size:                      # env e has transitions in a running episode
-                self._end_episode(e, final_obs[e])
+                self._end_episode(e, None)
 
     def update_priorities(self, indices, priorities):
-        self.priorities[np.asarray(indices)] = priorities
+        """indices [B] int64, priorities [B] (device tensors: no sync)."""
+        self.priorities.index_copy_(0, self._to_device(indices, torch.int64),
+                                    self._to_device(priorities, torch.float32))
 
     # ---------------------------------------------------------------------------------------------
-    # Episode geometry
+    # Episode geometry, all as tensor ops on the device
     # ---------------------------------------------------------------------------------------------
+
+    def _last_stored(self, t):
+        """[...] int64 -> the last stored index of t's episode: its end, or (running) env e's newest index."""
+        newest = self.size - self.num_envs + t % self.num_envs
+        end = self.ep_end[t]
+        return torch.where(end >= 0, end, newest)
 
     def _sampleable(self, window):
-        """Global indices t whose next `window` transitions are stored, or whose episode has ended."""
-        head = max(self.size - window * self.num_envs, 0)         # t < head  <=>  t + window * E < size
-        tail = np.arange(head, self.size)
-        return np.concatenate([np.arange(head), tail[self.ep_end[tail] >= 0]])
+        """[size] bool: t ends terminally, or the `window` transitions after t in its episode are stored."""
+        t = torch.arange(self.size, device=self.device)
+        return self.ep_terminal[:self.size] | (t + window * self.num_envs <= self._last_stored(t))
 
     def num_sampleable(self, num_unroll_steps=5, td_steps=5):
-        return len(self._sampleable(num_unroll_steps + td_steps))
+        return int(self._sampleable(num_unroll_steps + td_steps).sum())        # sync point (tests, checks)
 
     def _episode_left(self, t, cap):
-        """[M] transitions from t to its episode's end (t included), capped at `cap` (also while running)."""
-        end = self.ep_end[t]
-        left = (end - t) // self.num_envs + 1
-        return np.where(end >= 0, np.minimum(left, cap), cap)
+        """[M] transitions from t to its terminal end (t included), capped at `cap` (cap if not terminal)."""
+        left = (self.ep_end[t] - t) // self.num_envs + 1
+        return torch.where(self.ep_terminal[t], left.clamp(max=cap), cap)
 
     def stacks(self, indices, offsets):
         """[M] indices, [M] offsets -> [M, *O] the obs stack at step t + offset of t's episode (on the device)."""
-        t = np.asarray(indices, np.int64)[:, None]                # [M, 1]
-        E = self.num_envs
-        q = np.asarray(offsets, np.int64)[:, None] - (self.stack - 1) + np.arange(self.stack)  # [M, S] steps
-        q = np.maximum(q, (self.ep_start[t] - t) // E)            # before the start: the first frame
-        end = self.ep_end[t]                                      # [M, 1], -1 while running
-        ended = end >= 0
-        last_stored = (self.size - 1 - t) // E                    # running episode: clamp to the newest step
-        q = np.where(ended, np.minimum(q, (end - t) // E + 1), np.minimum(q, last_stored))
-        is_final = ended & (q == (end - t) // E + 1)              # [M, S] the step after the last action
-        pos = np.where(is_final, t, t + q * E).reshape(-1)        # [M * S] positions in the frame store
-        frames = self.frames.index_select(0, torch.from_numpy(pos).to(self.device))   # [M * S, *F] one gather
-        final = np.flatnonzero(is_final)                          # known on the host: no device sync
-        if len(final):
-            slot = np.broadcast_to(self.final_slot[np.maximum(end, 0)], is_final.shape).reshape(-1)[final]
-            frames[torch.from_numpy(final).to(self.device)] = self.final_frames[torch.from_numpy(slot).to(self.device)]
-        return frames.reshape(len(t), *self.obs_shape)             # [M, S * F[0], *F[1:]] frame-major
+        t = self._to_device(indices, torch.int64)[:, None]        # [M, 1]
+        E, S = self.num_envs, self.stack
+        q = self._to_device(offsets, torch.int64)[:, None] - (S - 1) + torch.arange(S, device=self.device)  # [M, S]
+        q = torch.maximum(q, (self.ep_start[t] - t) // E)         # before the start: the first frame
+        last = (self._last_stored(t) - t) // E                    # [M, 1] steps from t to the last stored one
+        terminal = self.ep_terminal[t]                            # [M, 1]
+        q = torch.minimum(q, last + terminal.long())              # a terminal episode: up to its final obs
+        is_final = terminal & (q == last + 1)                     # [M, S] the step after the last action
+        frames = self.frames[torch.where(is_final, t, t + q * E)]                  # [M, S, *F] one gather
+        final = self.final_frames[self.final_slot[t[:, 0]].clamp(min=0)]           # [M, *F] its episode's final
+        is_final = is_final.view(*is_final.shape, *(1,) * len(self.frame_shape))
+        frames = torch.where(is_final, final[:, None], frames)
+        return frames.reshape(len(t), *self.obs_shape)            # [M, S * F[0], *F[1:]] frame-major
 
     # ---------------------------------------------------------------------------------------------
     # Sampling (EZ_SPEC §4.2, §4.4)
     # ---------------------------------------------------------------------------------------------
 
-    def sample(self, batch_size, num_unroll_steps, td_steps, beta, rng):
-        B, K, W, E = batch_size, num_unroll_steps, num_unroll_steps + td_steps, self.num_envs
-        candidates = self._sampleable(W)                                       # [N']
-        probs = self.priorities[candidates] ** self.alpha                      # P(i) ~ p_i^alpha
-        probs /= probs.sum()
-        # Without replacement, as the original (np.random.choice(..., replace=False, p=...)).
-        pick = rng.choice(len(candidates), size=B, replace=False, p=probs)     # [B]
-        t = candidates[pick]                                                   # [B]
-        weights = (len(candidates) * probs[pick]) ** (-beta)                   # EZ_SPEC §4.4 IS weights
-        weights /= weights.max()
+    def sample(self, batch_size, num_unroll_steps, td_steps, beta, generator):
+        """A prioritized batch (EZ_SPEC §4.4) without replacement; generator: a torch.Generator on the device."""
+        B, K, W, E, dev = batch_size, num_unroll_steps, num_unroll_steps + td_steps, self.num_envs, self.device
+        ok = self._sampleable(W)                                              # [n]
+        p = self.priorities[:self.size] ** self.alpha * ok                    # p_i^alpha, 0 where not sampleable
+        exp1 = -torch.log(torch.rand(self.size, generator=generator, device=dev).clamp(min=1e-30))  # Exp(1) draws
+        t = torch.topk(p / exp1, B).indices                                   # [B] the B largest p_i / Exp(1)_i
+        probs = p[t] / p.sum()                                                # P(i) = p_i^alpha / sum_k p_k^alpha
+        weights = (ok.sum() * probs) ** (-beta)                               # EZ_SPEC §4.4 IS weights
+        return self.batch(t, weights / weights.max(), num_unroll_steps, td_steps, generator)
 
-        episode_left = self._episode_left(t, W + 1)                            # [B]
-        steps = np.arange(W + 1)
-        exists = steps < episode_left[:, None]                                 # [B, W+1] transition t+m stored
-        pos = np.where(exists, t[:, None] + steps * E, t[:, None])             # [B, W+1] safe gather positions
-        random_actions = rng.integers(self.num_actions, size=(B, K))           # EZ_SPEC §4.2: random past the end
-        actions = np.where(exists[:, :K], self.actions[pos[:, :K]], random_actions)
-        rewards = np.where(exists[:, :W], self.rewards[pos[:, :W]], 0.0)
-        alive = exists[:, :K + 1]                                              # [B, K+1]
-        child_visits = np.where(alive[..., None], self.child_visits[pos[:, :K + 1]], 0.0)
-        root_values = np.where(alive, self.root_values[pos[:, :K + 1]], 0.0)
-        obs = self.stacks(np.repeat(t, K + 1), np.tile(np.arange(K + 1), B))   # [B * (K+1), *O]
-        return Batch(indices=t, weights=weights.astype(np.float32),
-                     obs=obs.reshape(B, K + 1, *self.obs_shape),
-                     actions=actions.astype(np.int64), mask=exists[:, :K].astype(np.float32),
-                     rewards=rewards.astype(np.float32), episode_left=episode_left.astype(np.int64),
-                     child_visits=child_visits.astype(np.float32), root_values=root_values.astype(np.float32),
-                     ages=(self.size - t).astype(np.int64))
+    def batch(self, t, weights, num_unroll_steps, td_steps, generator):
+        """The Batch of positions t [B] (EZ_SPEC §4.2); random actions past the end from generator."""
+        B, K, W, E, dev = len(t), num_unroll_steps, num_unroll_steps + td_steps, self.num_envs, self.device
+        episode_left = self._episode_left(t, W + 1)                           # [B]
+        steps = torch.arange(W + 1, device=dev)
+        exists = steps < episode_left[:, None]                                # [B, W+1] transition t+m stored
+        pos = torch.where(exists, t[:, None] + steps * E, t[:, None])         # [B, W+1] safe gather positions
+        random_actions = torch.randint(self.num_actions, (B, K), generator=generator, device=dev)  # EZ_SPEC §4.2
+        alive = exists[:, :K + 1]                                             # [B, K+1]
+        obs = self.stacks(t[:, None].expand(B, K + 1).reshape(-1), steps[:K + 1].repeat(B))  # [B * (K+1), *O]
+        return Batch(indices=t, weights=weights.float(), obs=obs.view(B, K + 1, *self.obs_shape),
+                     actions=torch.where(exists[:, :K], self.actions[pos[:, :K]], random_actions),
+                     mask=exists[:, :K].float(),
+                     rewards=torch.where(exists[:, :W], self.rewards[pos[:, :W]], 0.0),
+                     episode_left=episode_left,
+                     child_visits=torch.where(alive[..., None], self.child_visits[pos[:, :K + 1]], 0.0),
+                     root_values=torch.where(alive, self.root_values[pos[:, :K + 1]], 0.0),
+                     ages=self.size - t)
 
     # ---------------------------------------------------------------------------------------------
     # Checkpointing
@@ -209,17 +231,18 @@ class ReplayBuffer:
         return ["child_visits", *self.FIELDS]
 
     def nbytes(self):
-        """Bytes held by the stored data (the filled part; untouched preallocated pages cost nothing)."""
-        per_transition = sum(getattr(self, name)[0].nbytes for name in self._arrays())
+        """Bytes held by the stored data (the filled part)."""
+        per_transition = sum(getattr(self, name)[0].nelement() * getattr(self, name).element_size()
+                             for name in self._arrays())
         frame_bytes = self.frames[0].nelement() * self.frames.element_size()
         return self.size * (per_transition + frame_bytes) + self.num_final * frame_bytes
 
     def state_dict(self):
-        d = {name: getattr(self, name)[:self.size].copy() for name in self._arrays()}
-        d.update(frames=self.frames[:self.size].cpu().numpy().copy(),
-                 final_frames=self.final_frames[:self.num_final].cpu().numpy().copy(), cur_start=self.cur_start.copy(),
-                 size=self.size, num_envs=self.num_envs, frame_shape=self.frame_shape, stack=self.stack,
-                 num_actions=self.num_actions)
+        """The filled part, as CPU tensors (sync point: checkpoints only)."""
+        d = {name: getattr(self, name)[:self.size].cpu().clone() for name in self._arrays()}
+        d.update(frames=self.frames[:self.size].cpu().clone(), final_frames=self.final_frames[:self.num_final].cpu(),
+                 cur_start=self.cur_start.copy(), size=self.size, num_envs=self.num_envs,
+                 frame_shape=self.frame_shape, stack=self.stack, num_actions=self.num_actions)
         return d
 
     def load_state_dict(self, d):
@@ -230,7 +253,7 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ValueError(f"replay state holds {n} transitions, capacity is {self.capacity}")
         for name in self._arrays():
-            getattr(self, name)[:n] = d[name]
+            getattr(self, name)[:n] = torch.as_tensor(d[name]).to(self.device)
         self.frames[:n] = torch.as_tensor(d["frames"]).to(self.device)
         self.num_final = len(d["final_frames"])
         self.final_frames = self._empty_frames(max(self.num_final, 16))
@@ -240,16 +263,18 @@ class ReplayBuffer:
 
 
 if __name__ == "__main__":
-    # Memory and sampling time of a full Atari 100k buffer: `python replay.py` (numbers in the report of this file).
+    # Memory and sampling time of a full Atari 100k buffer: `python replay.py [cuda]`.
     import resource
+    import sys
     import time
 
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     E, A, K, td, B = 4, 18, 5, 5, 256
-    rng = np.random.default_rng(0)
+    rng, gen = np.random.default_rng(0), torch.Generator(device).manual_seed(0)
     rss_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # peak RSS (KB on Linux)
     pool = rng.integers(0, 256, size=(64, E, 12, 96, 96), dtype=np.uint8)          # random frames to add
     start = rss_mb()
-    buf = ReplayBuffer(100_000, E, (3, 96, 96), 4, A)
+    buf = ReplayBuffer(100_000, E, (3, 96, 96), 4, A, device=device)
     visit = np.full((E, A), 1 / A, np.float32)
     for i in range(100_000 // E):
         obs = pool[i % 64]
@@ -257,14 +282,18 @@ if __name__ == "__main__":
                 visit, obs)
     print(f"{len(buf)} transitions, {buf.num_final} episodes: nbytes {buf.nbytes() / 2**30:.3f} GiB, "
           f"peak RSS {rss_mb() / 1024:.3f} GiB ({start / 1024:.3f} GiB before the buffer)")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         times = []
         for _ in range(10):
+            sync()
             t0 = time.perf_counter()
-            batch = buf.sample(B, K, td, 0.4, rng)
+            batch = buf.sample(B, K, td, 0.4, gen)
+            sync()
             t1 = time.perf_counter()
-            offsets = np.arange(K + 1)[None] + rng.integers(1, td + 1, size=(B, 1))     # bootstrap at t+j+l
-            boot = buf.stacks(np.repeat(batch.indices, K + 1), offsets.reshape(-1))     # [B*(K+1), 12, 96, 96]
+            offsets = torch.arange(K + 1, device=device)[None] + torch.randint(1, td + 1, (B, 1), device=device)
+            boot = buf.stacks(batch.indices[:, None].expand(B, K + 1).reshape(-1), offsets.reshape(-1))
+            sync()
             t2 = time.perf_counter()
             times.append((t1 - t0, t2 - t1))
         s, b = np.median(times, axis=0) * 1e3

@@ -129,19 +129,16 @@ def unroll_losses(model, obs, actions, mask, targets, cfg):
 def train_step(st, batch, targets, cfg):
     """One SGD update (EZ_SPEC §4.3). -> mean losses [4] (a device tensor, no sync)."""
     device = st.device
-    obs = torch.as_tensor(batch.obs, device=device)                              # [B, K+1, *O]
+    obs = batch.obs                                                              # [B, K+1, *O] on the device
     if obs.dim() == 5 and cfg.augmentation:
         obs = augment(obs)
-    actions = torch.as_tensor(batch.actions, device=device)                      # [B, K]
-    mask = torch.as_tensor(batch.mask, device=device)                            # [B, K]
-    weights = torch.as_tensor(batch.weights, device=device)                      # [B] PER importance weights
     coeffs = torch.tensor([cfg.value_loss_coeff, cfg.policy_loss_coeff, cfg.value_prefix_loss_coeff,
                            cfg.consistency_coeff], device=device)
     for group in st.optimizer.param_groups:
         group["lr"] = learning_rate(st.updates, cfg)
     with torch.autocast(device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
-        losses, value_0 = unroll_losses(st.model, obs, actions, mask, targets, cfg)   # [4, B], [B]
-        loss = (weights * (coeffs @ losses.float())).mean()                            # EZ_SPEC §4.3.4
+        losses, value_0 = unroll_losses(st.model, obs, batch.actions, batch.mask, targets, cfg)   # [4, B], [B]
+        loss = (batch.weights * (coeffs @ losses.float())).mean()                 # EZ_SPEC §4.3.4, PER weights
     loss = scale_gradient(loss, 1 / cfg.num_unroll_steps)                       # EZ_SPEC §4.3.5: gradient x 1/K
     st.optimizer.zero_grad(set_to_none=True)
     st.scaler.scale(loss).backward()
@@ -150,7 +147,7 @@ def train_step(st, batch, targets, cfg):
     st.scaler.step(st.optimizer)
     st.scaler.update()
     priorities = (value_0.detach().float() - targets.value[:, 0]).abs() + cfg.priority_eps  # EZ_SPEC §4.3.7
-    st.buf.update_priorities(batch.indices, priorities.cpu().numpy())           # sync point
+    st.buf.update_priorities(batch.indices, priorities)                          # on the device: no sync
     st.updates += 1
     return losses.detach().float().mean(1)
 
@@ -185,10 +182,10 @@ def build(cfg, env, device):
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"),
         buf=ReplayBuffer(cfg.total_transitions, cfg.num_envs, env.frame_shape, env.stack, env.num_actions,
-                         alpha=cfg.priority_alpha, frame_dtype=np.uint8 if env.is_atari else np.float32,
-                         device=device),                    # frames on the training device: stacks gathered there
-        generator=torch.Generator(device).manual_seed(cfg.seed),   # search noise, tie-breaks, action sampling
-        rng=np.random.default_rng(cfg.seed),                       # replay sampling, random warm-up actions
+                         alpha=cfg.priority_alpha, frame_dtype=torch.uint8 if env.is_atari else torch.float32,
+                         device=device),                    # all on the training device: no host sync to sample
+        generator=torch.Generator(device).manual_seed(cfg.seed),   # search noise, tie-breaks, actions, replay draws
+        rng=np.random.default_rng(cfg.seed),                       # random warm-up actions (on the host)
         env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"))
 
 
@@ -196,7 +193,7 @@ COUNTERS = ("env_steps", "updates", "games", "elapsed", "last_eval")
 
 
 def checkpoint(st, cfg, obs):
-    """Everything a resumed run needs (nanoGPT-style single dict); obs [E, *O] ends the running episodes."""
+    """Everything a resumed run needs (nanoGPT-style single dict); obs [E, *O] are the envs' observations."""
     cuda = st.device.type == "cuda"
     return dict(
         model=st.model.state_dict(), target_model=st.target_model.state_dict(), target_snapshot=st.target_snapshot,
@@ -226,7 +223,7 @@ def restore(st, ckpt):
     st.rng.bit_generator.state = rng["replay"]
     if ckpt["buffer"] is not None:
         st.buf.load_state_dict(ckpt["buffer"])
-        st.buf.end_running_episodes(ckpt["obs"])
+        st.buf.truncate_running_episodes()   # the envs restart: cut (not end) the episodes they were playing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +253,12 @@ def selfplay_step(st, env, obs, tree, cfg):
     else:
         temperature = visit_softmax_temperature(st.updates, cfg)
         actions = select_action(result.visit_counts, temperature, st.generator, deterministic=False)
-        actions = actions.cpu().numpy()                                             # sync point
-        visit_dist = (result.visit_counts / cfg.num_simulations).cpu().numpy()      # [E, A] targets at T = 1
+        actions = actions.cpu().numpy()                                             # sync point: the envs run on the host
+        visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1 (device)
     next_obs, reward, done, info = env.step(actions)
-    st.buf.add(obs, actions, reward, done, result.root_values.cpu().numpy(), visit_dist, info["final_obs"])
+    # A time limit cuts the episode (truncated: not an absorbing state), unless cfg says it ends it as the original.
+    truncated = None if cfg.time_limit_terminal else info["truncated"]
+    st.buf.add(obs, actions, reward, done, result.root_values, visit_dist, info["final_obs"], truncated)
     st.env_steps += cfg.num_envs
     return next_obs, result.tree, info["episode_return"][info["game_over"]]
 
@@ -268,8 +267,8 @@ def learner_step(st, cfg):
     """Sample (PER, beta 0.4 -> 1), targets from the target network, one update, network refreshes
     (EZ_SPEC §4, §5). -> mean losses [4], mean TD horizon (device tensors)."""
     beta = cfg.priority_beta + (1 - cfg.priority_beta) * st.updates / (cfg.training_steps + cfg.last_steps)
-    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, beta, st.rng)
-    targets = reanalyze(batch, st.buf, st.target_model, cfg, st.generator, st.device)
+    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, beta, st.generator)
+    targets = reanalyze(batch, st.buf, st.target_model, cfg, st.generator)
     losses = train_step(st, batch, targets, cfg)
     refresh_networks(st, cfg)
     return losses, targets.horizon.float().mean()

@@ -101,30 +101,34 @@ def setup():
     rng = np.random.default_rng(0)
     buf = ReplayBuffer(1000, E, (D,), 1, A, frame_dtype=np.float32)
     lengths = [7, 13, 30]
+    dones, rewards = [], []                                               # per global index, as added
     for step in range(40):
         done = np.array([(step + 1) % n == 0 for n in lengths])
         visits = rng.dirichlet(np.ones(A), size=E).astype(np.float32)
-        buf.add(rng.random((E, D), dtype=np.float32), rng.integers(A, size=E), rng.normal(size=E) * 3, done,
+        reward = rng.normal(size=E) * 3
+        buf.add(rng.random((E, D), dtype=np.float32), rng.integers(A, size=E), reward, done,
                 rng.normal(size=E), visits, rng.random((E, D), dtype=np.float32))
-    batch = buf.sample(16, 5, 5, 0.4, np.random.default_rng(1))
-    return model, buf, batch
+        dones += done.tolist()
+        rewards += reward.tolist()
+    batch = buf.sample(16, 5, 5, 0.4, torch.Generator().manual_seed(1))
+    return model, buf, batch, dones, rewards
 
 
-def hand_value_targets(model, buf, batch, cfg, bootstrap_fn):
-    """z_j of EZ_SPEC §5.2 by walking each sample's env stream in the buffer, one position at a time."""
+def hand_value_targets(buf, batch, dones, rewards, cfg, bootstrap_fn):
+    """z_j of EZ_SPEC §5.2 by walking each sample's env stream as it was added, one position at a time."""
     K, g = cfg.num_unroll_steps, cfg.discount
     out = np.zeros((len(batch.indices), K + 1))
-    for b, t in enumerate(batch.indices):
+    for b, t in enumerate(batch.indices.tolist()):
         l = max(1, min(5, 5 - (len(buf) - t) // 30))                            # age / (0.3 * 100)
         left = 0                                                                # steps until the episode ends
         while True:
             left += 1
-            if buf.dones[t + (left - 1) * E] or left == 11:
+            if dones[t + (left - 1) * E] or left == 11:
                 break
         for j in range(K + 1):
             if j >= left:
                 continue
-            z = sum(g**i * np.sign(buf.raw_rewards[t + (j + i) * E]) for i in range(l) if j + i < left)
+            z = sum(g**i * np.sign(rewards[t + (j + i) * E]) for i in range(l) if j + i < left)
             if j + l < left:
                 z += g**l * bootstrap_fn(t, j + l)
             out[b, j] = z
@@ -132,55 +136,54 @@ def hand_value_targets(model, buf, batch, cfg, bootstrap_fn):
 
 
 def test_reanalyze_targets_with_a_real_model(setup):
-    model, buf, batch = setup
+    model, buf, batch, dones, rewards = setup
     cfg = config()
-    targets = reanalyze(batch, buf, model, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    targets = reanalyze(batch, buf, model, cfg, torch.Generator().manual_seed(0))
     B, K = 16, 5
     assert targets.value.shape == (B, K + 1) and targets.value_prefix.shape == (B, K)
     assert targets.policy.shape == (B, K + 1, A) and targets.horizon.shape == (B,)
     assert sorted(set(targets.horizon.tolist())) == [2, 3, 4, 5]                # ages 0..120: l = 5 - age // 30
     # policy: reanalyzed (first 8) rows are visit distributions before the end, zero from it on
-    alive = torch.arange(K + 1)[None] < torch.as_tensor(batch.episode_left)[:, None]   # [B, K+1]
+    alive = torch.arange(K + 1)[None] < batch.episode_left[:, None]      # [B, K+1]
     assert (~alive).any() and alive[:8].any()
     pi = targets.policy[:8]
     torch.testing.assert_close(pi.sum(-1)[alive[:8]], torch.ones(int(alive[:8].sum())))
     assert (pi[~alive[:8]] == 0).all()
     assert torch.allclose(pi * cfg.num_simulations, (pi * cfg.num_simulations).round(), atol=1e-5)
-    assert not torch.allclose(pi, torch.as_tensor(batch.child_visits[:8]))
+    assert not torch.allclose(pi, batch.child_visits[:8])
     # the rest: the stored self-play distributions
-    torch.testing.assert_close(targets.policy[8:], torch.as_tensor(batch.child_visits[8:]))
+    torch.testing.assert_close(targets.policy[8:], batch.child_visits[8:])
 
     def network_value(t, offset):
-        obs = torch.as_tensor(buf.stacks(np.array([t]), np.array([offset])))
+        obs = buf.stacks(np.array([t]), np.array([offset]))
         return model.initial_inference(obs).value.item()
 
-    expected = hand_value_targets(model, buf, batch, cfg, network_value)
+    expected = hand_value_targets(buf, batch, dones, rewards, cfg, network_value)
     assert np.abs(expected).max() > 1.0                                         # not a trivial all-zero case
     np.testing.assert_allclose(targets.value.numpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(targets.value_prefix.numpy(),
-                               value_prefix_targets(torch.as_tensor(batch.rewards), torch.as_tensor(
-                                   batch.episode_left), K, 5).numpy())
+                               value_prefix_targets(batch.rewards, batch.episode_left, K, 5).numpy())
 
 
 def test_reanalyze_bootstraps_from_the_root_value_when_asked(setup):
-    model, buf, batch = setup
+    model, buf, batch, dones, rewards = setup
     cfg = config(use_root_value=True, reanalyze_ratio=0.0)
-    targets = reanalyze(batch, buf, model, cfg, torch.Generator().manual_seed(3), torch.device("cpu"))
+    targets = reanalyze(batch, buf, model, cfg, torch.Generator().manual_seed(3))
     # the same search, replayed with the same generator state: roots o_{t+j+l} in (sample, j) order
     K = 5
     horizon = td_horizon(batch.ages, 100)
     offsets = (np.arange(K + 1)[None] + horizon.numpy()[:, None]).reshape(-1)
-    roots = model.initial_inference(torch.as_tensor(buf.stacks(np.repeat(batch.indices, K + 1), offsets)))
+    roots = model.initial_inference(buf.stacks(np.repeat(batch.indices.numpy(), K + 1), offsets))
     root_values = search(model, roots, 4, add_noise=True, generator=torch.Generator().manual_seed(3), gamma=0.9,
                          backend="torch").root_values.view(-1, K + 1)
-    position = {(t, j): b for b, t in enumerate(batch.indices) for j in range(K + 1)}
+    position = {(t, j): b for b, t in enumerate(batch.indices.tolist()) for j in range(K + 1)}
 
     def root_value(t, offset):
         b = position[(t, 0)]
         return root_values[b, offset - horizon[b].item()].item()
 
-    np.testing.assert_allclose(targets.value.numpy(), hand_value_targets(model, buf, batch, cfg, root_value),
+    np.testing.assert_allclose(targets.value.numpy(), hand_value_targets(buf, batch, dones, rewards, cfg, root_value),
                                rtol=1e-5, atol=1e-5)
-    plain = reanalyze(batch, buf, model, config(reanalyze_ratio=0.0), torch.Generator(), torch.device("cpu"))
+    plain = reanalyze(batch, buf, model, config(reanalyze_ratio=0.0), torch.Generator())
     assert not torch.allclose(plain.value, targets.value)
-    torch.testing.assert_close(targets.policy, torch.as_tensor(batch.child_visits))  # ratio 0: all stored
+    torch.testing.assert_close(targets.policy, batch.child_visits)       # ratio 0: all stored

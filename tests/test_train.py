@@ -153,8 +153,8 @@ def fill_and_learn(st, cfg, env, updates):
 
 
 def one_update(st, cfg):
-    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, st.rng)
-    train.train_step(st, batch, reanalyze(batch, st.buf, st.target_model, cfg, st.generator, st.device), cfg)
+    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, st.generator)
+    train.train_step(st, batch, reanalyze(batch, st.buf, st.target_model, cfg, st.generator), cfg)
     train.refresh_networks(st, cfg)
 
 
@@ -167,7 +167,7 @@ def test_checkpoint_round_trip_restores_everything_and_continues_identically(tmp
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(path, train.checkpoint(st, cfg, obs))
     assert os.listdir(tmp_path) == ["ckpt.pt"]                        # written via a temporary file + rename
-    st.buf.end_running_episodes(obs)                      # as a resumed buffer (envs are not saved)
+    st.buf.truncate_running_episodes()                                # as a resumed buffer (envs restart)
     one_update(st, cfg)                                               # the run goes on ...
 
     other = train.build(cfg, env, torch.device("cpu"))                # ... and a resumed run does the same update
@@ -175,7 +175,9 @@ def test_checkpoint_round_trip_restores_everything_and_continues_identically(tmp
     assert (other.updates, other.env_steps, other.games, other.last_eval) == (3, 123, 4, 17.5)
     assert len(other.buf) == len(st.buf)
     n = len(other.buf)
-    assert other.buf.dones[n - cfg.num_envs:n].all()                  # running episodes end at the checkpoint
+    newest = other.buf.ep_end[n - cfg.num_envs:n]                     # running episodes are cut at the checkpoint:
+    assert (newest == torch.arange(n - cfg.num_envs, n)).all()        # truncated, never terminal
+    assert not other.buf.ep_terminal[n - cfg.num_envs:n].any()
     one_update(other, cfg)
     for name in ("model", "target_model", "selfplay_model"):
         for (k, a), b in zip(getattr(st, name).state_dict().items(), getattr(other, name).state_dict().values()):
