@@ -100,11 +100,29 @@ class DepthBatchNorm(nn.Module):
                                 self.training, self.momentum, self.eps)  # updates row d in place when training
         if self.training:
             raise ValueError("DepthBatchNorm: per-sample depths are for inference; train with an int depth")
-        d = depth.long().clamp(max=self.depths - 1)                    # [B]
-        scale = self.weight * torch.rsqrt(self.running_var[d] + self.eps)  # [B, C]
-        shift = self.bias - self.running_mean[d] * scale               # [B, C]
+        scale_shift = self.scale_shift().index_select(0, depth.clamp(max=self.depths - 1))  # [B, 2C]
         view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        return x * scale.view(view) + shift.view(view)
+        scale, shift = scale_shift[:, :x.shape[1]].view(view), scale_shift[:, x.shape[1]:].view(view)
+        return torch.addcmul(shift, x, scale)                          # x * scale + shift
+
+    @torch.no_grad()
+    def scale_shift(self):
+        """[depths, 2C]: the inference BatchNorm of each depth as x * scale + shift (scales, then shifts).
+
+        A search calls every BatchNorm once per simulation with the same statistics, so the table is kept and
+        reused while the statistics and affine parameters are the same tensors at the same versions (an
+        optimizer step or load_state_dict bumps them). Inside a CUDA graph capture it is computed in the graph,
+        so that a replay reads the parameters as they are then (they are refreshed in place). No gradient."""
+        if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            return torch.cat([scale, self.bias - self.running_mean * scale], 1)
+        tensors = (self.running_mean, self.running_var, self.weight, self.bias)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if getattr(self, "_scale_shift_key", None) != key:
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)           # [depths, C]
+            self._scale_shift = torch.cat([scale, self.bias - self.running_mean * scale], 1)  # [depths, 2C]
+            self._scale_shift_key = key
+        return self._scale_shift
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A state dict of nn.BatchNorm (one [C] set, from checkpoints written before the per-depth

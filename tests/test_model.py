@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model import (NetworkOutput, inverse_scalar_transform, make_model, scalar_to_support, scalar_transform,
-                   support_to_scalar)
+from model import (DepthBatchNorm, NetworkOutput, inverse_scalar_transform, make_model, scalar_to_support,
+                   scalar_transform, support_to_scalar)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,3 +217,58 @@ def test_small_config_is_one_set_of_arguments_away():
 def test_bad_obs_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="obs_shape"):
         make_model((3, 4), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics per unroll depth (model.DepthBatchNorm)
+# ---------------------------------------------------------------------------------------------
+
+def test_depth_batchnorm_trains_one_depth_and_infers_per_sample():
+    torch.manual_seed(0)
+    bn = DepthBatchNorm(3, depths=4)
+    for depth, shift in ((0, 0.0), (2, 5.0)):                              # two depths, different inputs
+        for _ in range(50):
+            bn(torch.randn(64, 3, 2, 2) * 2 + shift, depth)
+    torch.testing.assert_close(bn.running_mean[2], torch.full((3,), 5.0), atol=0.3, rtol=0)
+    assert bn.running_mean[0].abs().max() < 0.3 and torch.equal(bn.running_mean[1], torch.zeros(3))
+    assert (bn.running_var[[0, 2]] > 3).all() and torch.equal(bn.running_var[3], torch.ones(3))
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    bn.eval()
+    x = torch.randn(6, 3, 2, 2)
+    depth = torch.tensor([0, 2, 2, 1, 7, 3])                               # 7 reads the deepest set, 3
+    per_sample = bn(x, depth)
+    for b, d in enumerate(depth.tolist()):                                 # as nn.BatchNorm2d with set min(d, 3)
+        ref = torch.nn.functional.batch_norm(x[b:b + 1], bn.running_mean[min(d, 3)], bn.running_var[min(d, 3)],
+                                             bn.weight, bn.bias, False, 0.1, 1e-5)
+        torch.testing.assert_close(per_sample[b:b + 1], ref)
+        torch.testing.assert_close(bn(x[b:b + 1], d), ref)                 # an int depth: the same
+    with torch.no_grad():                                                  # an in-place change is seen at once
+        bn.running_mean[2] += 1.0
+    assert not torch.allclose(bn(x, depth)[1], per_sample[1])
+    torch.testing.assert_close(bn(x, depth)[0], per_sample[0])
+    with pytest.raises(ValueError):
+        bn.train()(x, depth)                                               # per-sample depths: inference only
+
+
+def test_batchnorm_state_of_one_set_loads_into_every_depth():
+    torch.manual_seed(0)
+    old = torch.nn.BatchNorm1d(5)
+    old(torch.randn(32, 5) + 3)
+    new = DepthBatchNorm(5, depths=6)
+    new.load_state_dict(old.state_dict())                                  # a checkpoint from before: one set
+    assert torch.equal(new.running_mean, old.running_mean.expand(6, 5))
+    assert torch.equal(new.running_var, old.running_var.expand(6, 5))
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(new.eval()(x, torch.tensor([0, 1, 3, 5])), old.eval()(x))
+
+
+def test_shared_statistics_is_one_set_for_every_depth():
+    net = make_model((4,), 2, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10, proj_hid=8, proj_out=8,
+                     pred_hid=8, pred_out=8, bn_depths=1)
+    assert net.dynamics.bn.running_mean.shape == (1, 8) and net.prediction.fc_value[1].running_mean.shape == (1, 16)
+    net = make_model((4,), 2, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10, proj_hid=8, proj_out=8,
+                     pred_hid=8, pred_out=8, bn_depths=6)
+    assert net.dynamics.bn.running_mean.shape == (6, 8) and net.prediction.fc_value[1].running_mean.shape == (6, 16)
+    assert net.representation[1].running_mean.shape == (1, 16)            # the representation: depth 0 only
