@@ -43,6 +43,10 @@ class Config:
     total_transitions: int = 100_000
     """env steps stored in the buffer, the Atari 100k budget (EZ_SPEC §1); pacing keeps env steps at or below
     updates * total_transitions / training_steps, i.e. 1 env step per update in the paper (EZ_SPEC §6)"""
+    absorbing_terminal: bool = True
+    """unroll steps past a terminal state learn value 0 and reward 0 whatever the action (an absorbing state, as
+    MuZero and the original's first release); off: their value and value-prefix losses are masked, as the
+    original's HEAD (EZ_SPEC §0.1.3), so the model never learns what follows a terminal state"""
     time_limit_terminal: bool = False
     """end episodes cut by max_episode_steps as terminal (absorbing, value 0 after), as the original (EZ_SPEC §5.2
     quirk c); off: they are truncated, and no value target bootstraps across the cut (README "Differences")"""

@@ -112,10 +112,13 @@ def unroll_losses(model, obs, actions, mask, targets, cfg):
     for k in range(1, K + 1):
         step = model.recurrent_inference(latent, lstm_state, actions[:, k - 1], k)  # s_k, prefix_k, (p_k, v_k)
         latent = scale_gradient(step.latent, 0.5)                               # EZ_SPEC §4.3.3: 0.5 at every s_k
-        m = mask[:, k - 1]                                                      # [B]
-        value_loss = value_loss + m * cross_entropy(step.value_logits, value_target[:, k])
+        m = mask[:, k - 1]                                                      # [B] a_{t+k-1} exists
+        # Past a terminal state (the only place a sampled unroll runs out of data) the state is absorbing: value 0
+        # and reward 0 whatever the action, trained unless cfg.absorbing_terminal is off (README "Differences").
+        m_absorbing = torch.ones_like(m) if cfg.absorbing_terminal else m
+        value_loss = value_loss + m_absorbing * cross_entropy(step.value_logits, value_target[:, k])
         policy_loss = policy_loss + m * cross_entropy(step.policy_logits, targets.policy[:, k])
-        prefix_loss = prefix_loss + m * cross_entropy(step.value_prefix_logits, prefix_target[:, k - 1])
+        prefix_loss = prefix_loss + m_absorbing * cross_entropy(step.value_prefix_logits, prefix_target[:, k - 1])
         if cfg.consistency:  # SimSiam: target = projection of h(o_{t+k}), same online net, stop-gradient
             with torch.no_grad():
                 target = model.project(model.encode(obs[:, k]), with_predictor=False)

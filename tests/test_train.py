@@ -65,7 +65,7 @@ def _unroll_grad(model, obs, actions, mask, targets, cfg):
 def test_unroll_halves_the_gradient_at_every_latent(monkeypatch):
     # The step-k value loss reaches the representation through s_1..s_k, each scaled by 0.5: 0.5^k overall.
     torch.manual_seed(0)
-    cfg = Config(num_unroll_steps=2, consistency=False)
+    cfg = Config(num_unroll_steps=2, consistency=False, absorbing_terminal=False)   # the mask isolates step 2
     model = train.make_model((4,), 2, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10, proj_hid=8,
                              proj_out=8, pred_hid=8, pred_out=8).double()
     for p in model.parameters():  # leave the zero-initialised output layers: gradients must flow
@@ -120,6 +120,15 @@ def test_ablation_switches_act_where_the_math_changes():
     targets = Targets(torch.rand(B, K + 1), torch.rand(B, K), torch.full((B, K + 1, 2), 0.5), torch.full((B,), 5))
     losses, _ = train.unroll_losses(model, obs, actions, mask, targets, Config(consistency=False))
     assert (losses[3] == 0).all() and (losses[:3] > 0).all()          # --no-consistency: no SimSiam term
+    # past a terminal (mask 0): value and value prefix are trained as an absorbing state unless switched off;
+    # the policy and consistency terms never are
+    ended = torch.zeros(B, K)
+    kept, _ = train.unroll_losses(model, obs, actions, ended, targets, Config(consistency=False))
+    masked, _ = train.unroll_losses(model, obs, actions, ended, targets, Config(consistency=False,
+                                                                               absorbing_terminal=False))
+    torch.testing.assert_close(kept[[0, 2]], losses[[0, 2]])
+    assert (masked[[0, 2]] < kept[[0, 2]]).all() and (masked[2] == 0).all()
+    torch.testing.assert_close(kept[1], masked[1])
     losses, _ = train.unroll_losses(model, obs, actions, mask, targets, Config())
     assert (losses[3] != 0).all() and (losses[3].abs() <= K).all()   # a sum of K negative cosines
     # --no-value-prefix: zeta = 1 everywhere, so every unroll step starts from a zero LSTM state (one-step reward)
