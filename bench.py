@@ -1,34 +1,47 @@
-"""Throughput benchmarks, one JSON line per case on stdout (CI runs none of this).
+"""Throughput benchmarks, one JSON line per case on stdout (CI runs only `device --tiny`, never a timing).
 
-    python bench.py search                      # all cases: B {16,64,256,1536} x N {16,50} x A {9,18}
+    python bench.py search                      # defaults by device, below
     python bench.py search --settings tree-only --B 256 --N 50 --A 9 --backend torch
+    python bench.py kernels                     # the Triton kernels against the PyTorch reference, timed
     python bench.py train                       # the paper's configuration on MsPacman
     python bench.py train --preset cartpole --updates 200
+    python bench.py device                      # everything a GPU session must measure, one command
 
 search: time of one whole `mcts.search` call (root given, as the peer harness does), median and
 min/max over repeats after warm-up, configurations interleaved over rounds so that slow phases of
-a noisy machine hit all of them alike. Settings:
-  tree-only  the trivial fake model of /work/shared/peers/bench_lightzero.py (same weights from
+a noisy machine hit all of them alike. Defaults: on a CPU the peer comparison (tree-only, A = 9,
+N = 50, B 16 64 256, torch backend: a few seconds); on CUDA both settings, A 9 and 18, N = 50,
+B 16 256 1536, triton and torch backends, CUDA graphs on and off. Settings:
+  tree-only  the trivial fake model of the peer harness (bench_lightzero.py; same weights from
              numpy default_rng(0)): latent D = 8, next = tanh(W[a] @ latent), linear heads for
              policy logits, value and value prefix (both through h^-1), LSTM state (h, c) =
              (next, c). Measures the tree operations and the search loop.
   atari-net  the real Atari network of model.py, make_model((12, 96, 96), A), random weights
-             (on a CPU only small B are practical).
+             (minutes per case on a CPU: ask for it there explicitly).
+--share also times the tree operations inside the searches (CUDA events, or the CPU clock) and
+reports their share of the search.
+kernels: fills B trees with S simulations of random leaf outputs through both backends, checks that
+the trees are identical after every step, then times a whole fill with each (on a CPU run it with
+TRITON_INTERPRET=1: correct but slow, its timings mean nothing).
 train: the real loop of train.py (learner_step and selfplay_step, the same functions) after the
 buffer is filled with random transitions: rounds of U updates and one self-play step of the E envs,
 U = E * training_steps / total_transitions (the paper: 4 updates per step of 4 envs, one env step per
 update). Reports the median time of an update and of a self-play step, updates/s and env steps/s
 of the timed rounds, and the projected time of the whole run: training_steps in such rounds plus
 last_steps offline updates (evaluation not included).
-The defaults pick --threads 1: the search is thousands of small ops, and on a busy machine a
-second OpenMP thread makes every op wait for a free core (10x slower here; the peer harness's
-torch model suffers the same, run it with OMP_NUM_THREADS=1 to compare like with like).
+The search and kernels default to --threads 1: the search is thousands of small ops, and on a busy
+machine a second OpenMP thread makes every op wait for a free core (10x slower here; the peer
+harness's torch model suffers the same, run it with OMP_NUM_THREADS=1 to compare like with like).
 """
 import argparse
 import gc
+import glob
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -36,8 +49,7 @@ import numpy as np
 import torch
 
 import mcts
-import train
-from atari import make_env
+from config import PRESETS, Config, check_config
 from model import NetworkOutput, inverse_scalar_transform, make_model
 
 
@@ -54,7 +66,8 @@ class TreeOnlyModel:
 
     def heads(self, x):  # [B, D] -> logits [B, A], value [B], value prefix [B]
         out = x @ self.H
-        return out[:, : self.A], inverse_scalar_transform(out[:, self.A]), inverse_scalar_transform(out[:, self.A + 1])
+        value, value_prefix = inverse_scalar_transform(out[:, self.A:]).unbind(1)  # h^-1 of both at once
+        return out[:, : self.A], value, value_prefix
 
     def recurrent_inference(self, latent, lstm_state, action, depth):
         nxt = torch.tanh((self.W[action] * latent.unsqueeze(1)).sum(-1))  # [B, D] tanh(W[a] @ latent)
@@ -79,31 +92,36 @@ def atari_problem(B, A, device):
 
 
 class SearchCase:
-    def __init__(self, args, setting, B, N, A):
-        self.setting, self.B, self.N, self.A = setting, B, N, A
+    def __init__(self, args, setting, B, N, A, backend, graphs):
+        self.setting, self.B, self.N, self.A, self.graphs = setting, B, N, A, graphs
         self.device = torch.device(args.device)
-        self.backend = mcts.resolve_backend(args.backend, self.device)
+        self.backend = mcts.resolve_backend(backend, self.device)
         if setting == "tree-only":
             self.model = TreeOnlyModel(A, self.device)
             self.root = self.model.root(B)
         else:
             self.model, self.root = atari_problem(B, A, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
-        self.tree, self.times, self.depths = None, [], []
+        self.tree, self.times, self.depths, self.tree_ms = None, [], [], []
 
-    def once(self, timed=True):
-        if self.device.type == "cuda":
+    def once(self, timed=True, share=False):
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
         gc.collect()
+        clock = TreeClock(self.device, monkey=share)
         t0 = time.perf_counter()
-        res = mcts.search(self.model, self.root, self.N, add_noise=True, generator=self.generator,
-                          backend=self.backend, tree=self.tree)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        with clock:
+            res = mcts.search(self.model, self.root, self.N, add_noise=True, generator=self.generator,
+                              backend=self.backend, tree=self.tree, cuda_graphs=self.graphs)
+            if cuda:
+                torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.tree = res.tree
         if timed:
             self.times.append(dt)
+            if share:
+                self.tree_ms.append(clock.ms())
             depth = res.tree.depth[:, 1:].float()  # [B, N] depths of the expanded nodes
             self.depths.append((depth.mean().item(), depth.max().item()))
             assert bool((res.visit_counts.sum(1) == self.N).all()), "root visits must sum to N"
@@ -111,38 +129,143 @@ class SearchCase:
     def record(self):
         ms = sorted(1e3 * t for t in self.times)
         med = statistics.median(ms)
-        return {
-            "bench": "search", "backend": self.backend, "device": str(self.device),
-            "setting": self.setting, "B": self.B, "N": self.N, "A": self.A,
-            "ms_median": round(med, 3), "ms_min": round(ms[0], 3), "ms_max": round(ms[-1], 3),
-            "sims_per_s": round(self.B * self.N / (med / 1e3), 1), "repeats": len(ms),
-            "depth_mean": round(statistics.mean(d[0] for d in self.depths), 2),
-            "depth_max": int(max(d[1] for d in self.depths)),
-            "torch_threads": torch.get_num_threads(),
-        }
+        rec = {"bench": "search", "backend": self.backend, "device": str(self.device), "setting": self.setting,
+               "B": self.B, "N": self.N, "A": self.A, "cuda_graphs": self.graphs and self.device.type == "cuda",
+               "ms_median": round(med, 3), "ms_min": round(ms[0], 3), "ms_max": round(ms[-1], 3),
+               "sims_per_s": round(self.B * self.N / (med / 1e3), 1), "repeats": len(ms),
+               "depth_mean": round(statistics.mean(d[0] for d in self.depths), 2),
+               "depth_max": int(max(d[1] for d in self.depths)), "torch_threads": torch.get_num_threads()}
+        if self.tree_ms:
+            tree = statistics.median(self.tree_ms)
+            rec.update(tree_ops_ms_median=round(tree, 3), tree_ops_share=round(tree / med, 3))
+        return rec
+
+
+class TreeClock:
+    """Times the tree operations (select, expand_backup) inside searches: CUDA events around every call
+    (no sync) or the CPU clock. Only for eager searches: a CUDA graph replays without calling them."""
+
+    def __init__(self, device, monkey):
+        self.cuda, self.monkey, self.events, self.seconds = device.type == "cuda", monkey, [], 0.0
+
+    def __enter__(self):
+        if self.monkey:
+            self.saved = mcts._tree_ops
+            mcts._tree_ops = lambda backend, device: tuple(map(self.wrap, self.saved(backend, device)))
+
+    def __exit__(self, *exc):
+        if self.monkey:
+            mcts._tree_ops = self.saved
+
+    def wrap(self, fn):
+        def timed(*args):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args)
+                end.record()
+                self.events.append((start, end))
+                return out
+            t = time.perf_counter()
+            out = fn(*args)
+            self.seconds += time.perf_counter() - t
+            return out
+        return timed
+
+    def ms(self):
+        return sum(s.elapsed_time(e) for s, e in self.events) if self.cuda else 1e3 * self.seconds
 
 
 def bench_search(args):
+    cuda = torch.device(args.device).type == "cuda"
+    defaults = dict(settings=["tree-only", "atari-net"] if cuda else ["tree-only"], B=[16, 256, 1536] if cuda else
+                    [16, 64, 256], N=[50], A=[9, 18] if cuda else [9], backend=["triton", "torch"] if cuda else
+                    ["torch"], graphs=["on", "off"] if cuda else ["off"])
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [SearchCase(args, s, B, N, A) for s in args.settings for B in args.B for N in args.N for A in args.A]
+    cases = [SearchCase(args, s, B, N, A, backend, graphs == "on") for s in args.settings for B in args.B
+             for N in args.N for A in args.A for backend in args.backend for graphs in args.graphs]
     for c in cases:
         for _ in range(args.warmup):
             c.once(timed=False)
-    # Interleave configurations in rounds, as the peer harness (shared/peers/bench_lightzero.py).
+    # Interleave configurations in rounds, as the peer harness (bench_lightzero.py).
     for r in range(args.rounds):
         for c in cases:
             for _ in range(args.repeats // args.rounds + (r < args.repeats % args.rounds)):
-                c.once()
+                c.once(share=args.share and not (c.graphs and cuda))
     for c in cases:
         print(json.dumps(c.record()), flush=True)
 
 
+def bench_kernels(args):
+    """The Triton kernels against the PyTorch reference, step by step, then timed (no network)."""
+    import mcts_kernel
+    device = args.device
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("bench.py kernels: no GPU: run with TRITON_INTERPRET=1 to use the Triton interpreter")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    gamma, horizon = 0.997**4, 5
+    ops = {"torch": (mcts.select, mcts.expand_backup), "triton": (mcts_kernel.select, mcts_kernel.expand_backup)}
+
+    def leaf_outputs(B, A, S, seed):
+        g = torch.Generator(device).manual_seed(seed)
+        return [(torch.randn(B, generator=g, device=device), torch.randn(B, generator=g, device=device),
+                 torch.randn(B, A, generator=g, device=device)) for _ in range(S)]
+
+    def root_tree(B, S, A, seed):
+        g = torch.Generator(device).manual_seed(seed)
+        tree = mcts.make_tree(B, S + 1, A, (1,), 1, device)
+        tree.visit_count[:, mcts.ROOT] = 1
+        tree.value_sum[:, mcts.ROOT] = torch.randn(B, generator=g, device=device)
+        tree.prior[:, mcts.ROOT] = torch.softmax(torch.randn(B, A, generator=g, device=device), -1)
+        tree.tiebreak.uniform_(0.0, 1.0, generator=g)
+        return tree
+
+    def fill(backend, tree, leaves):
+        select_fn, expand_backup_fn = ops[backend]
+        for i, (value_prefix, value, policy_logits) in enumerate(leaves, start=1):
+            parent, action, _ = select_fn(tree, 19652, 1.25, gamma, 0.01)
+            expand_backup_fn(tree, i, parent, action, value_prefix, value, policy_logits, gamma, horizon)
+
+    B, A, S = (257, 18, 50) if device == "cuda" else (9, 7, 20)  # awkward sizes: B odd, A not a power of 2
+    ref, ker, same = root_tree(B, S, A, seed=0), root_tree(B, S, A, seed=0), 0
+    for i, (value_prefix, value, policy_logits) in enumerate(leaf_outputs(B, A, S, seed=1), start=1):
+        r, k = mcts.select(ref, 19652, 1.25, gamma, 0.01), mcts_kernel.select(ker, 19652, 1.25, gamma, 0.01)
+        same += all(torch.equal(x, y) for x, y in zip(r, k))
+        mcts.expand_backup(ref, i, r[0], r[1], value_prefix, value, policy_logits, gamma, horizon)
+        mcts_kernel.expand_backup(ker, i, r[0], r[1], value_prefix, value, policy_logits, gamma, horizon)
+    worst = {name: (getattr(ref, name).float() - getattr(ker, name).float()).abs().max().item()
+             for name in ("visit_count", "value_sum", "children", "prior", "min_max", "depth")}
+    print(json.dumps({"bench": "kernels_check", "device": device, "B": B, "A": A, "S": S,
+                      "select_identical_steps": same, "max_abs_diff": worst}), flush=True)
+    for B, A, S in ([(256, 18, 50), (1536, 18, 50)] if device == "cuda" else [(8, 18, 10)]):
+        leaves = leaf_outputs(B, A, S, seed=2)
+        for backend in ("torch", "triton"):
+            trees = [root_tree(B, S, A, seed=3) for _ in range(4)]
+            fill(backend, trees[0], leaves)  # warm-up (compiles)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for tree in trees[1:]:
+                fill(backend, tree, leaves)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / 3 * 1e3
+            print(json.dumps({"bench": "kernels", "device": device, "backend": backend, "B": B, "A": A, "S": S,
+                              "ms_per_search": round(ms, 3), "us_per_simulation": round(ms / S * 1e3, 1)}),
+                  flush=True)
+
+
 def bench_train(args):
+    import train  # the real loop's functions
+    from atari import make_env
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = train.check_config(train.Config(**{**train.PRESETS.get(args.preset, {}),
-                                             **({"game": args.game} if args.game else {}), "device": args.device}))
+    cfg = check_config(Config(**{**PRESETS.get(args.preset, {}), **({"game": args.game} if args.game else {}),
+                                 "device": args.device, "amp": args.amp == "on"}))
     device = torch.device(args.device)
     env = make_env(cfg.game, cfg.num_envs, cfg.seed, train=True, max_episode_steps=cfg.max_episode_steps)
     st = train.build(cfg, env, device)
@@ -194,7 +317,8 @@ def bench_train(args):
         "bench": "train", "device": str(device), "game": cfg.game, "preset": args.preset,
         "num_envs": cfg.num_envs, "batch_size": cfg.batch_size, "num_simulations": cfg.num_simulations,
         "amp": st.scaler.is_enabled(), "search_backend": mcts.resolve_backend(cfg.search_backend, device),
-        "buffer": len(st.buf), "updates_per_round": per_round, "selfplay_steps_per_round": steps_per_round, "timed_updates": len(learn),
+        "cuda_graphs": cfg.cuda_graphs and device.type == "cuda", "buffer": len(st.buf),
+        "updates_per_round": per_round, "selfplay_steps_per_round": steps_per_round, "timed_updates": len(learn),
         "update_ms_median": round(learn_ms, 2), "selfplay_step_ms_median": round(play_ms, 2),
         "updates_per_s": round(len(learn) / wall, 3), "env_steps_per_s": round(len(play) * cfg.num_envs / wall, 3),
         "total_updates": cfg.training_steps + cfg.last_steps,
@@ -202,17 +326,123 @@ def bench_train(args):
     }), flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# bench.py device: one command for a GPU session. Each stage is a subprocess with its own time cap, so
+# one slow or failing stage is reported and the next one runs; results go to one JSON file and a
+# markdown table. --tiny runs the same stages with small sizes on any machine (the CPU test does).
+# ---------------------------------------------------------------------------------------------
+def device_stages(args, run_dir):
+    py, tiny = sys.executable, args.tiny
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    backends = ["triton", "torch"] if (not tiny or interp) else ["torch"]
+    search = ["--settings", "atari-net", "--A", "9", "--N", "4" if tiny else "50", "--backend", *backends]
+    runs = os.path.join(run_dir, "runs")
+    return [
+        ("cuda tests", 40, [py, "-m", "pytest", "-q", "-rs", "tests/test_mcts_kernel.py", "tests/test_mcts.py",
+                            "-k", "cuda or graph"]),
+        ("search", 100, [py, "bench.py", "search", *search, "--B", *(["2"] if tiny else ["16", "256", "1536"]),
+                         "--graphs", "on", "off", "--repeats", "2" if tiny else "5", "--rounds", "1" if tiny else "5",
+                         "--warmup", "1" if tiny else "2"]),
+        ("tree share", 25, [py, "bench.py", "search", *search, "--B", *(["2"] if tiny else ["256", "1536"]),
+                            "--graphs", "off", "--share", "--repeats", "2" if tiny else "3", "--rounds", "1",
+                            "--warmup", "1"]),
+        *((f"train, AMP {amp}", 50, [py, "bench.py", "train", *(["--preset", "cartpole", "--updates", "2",
+                                                                  "--warmup", "1"] if tiny else ["--updates", "12"]),
+                                     "--amp", amp]) for amp in ("on", "off")),
+        ("train.py run", 180, [py, "train.py", *(["--preset", "cartpole", "--training-steps", "30", "--log-interval",
+                                                   "50"] if tiny else ["--game", "MsPacman", "--log-interval", "200"]),
+                               "--save-interval", "10" if tiny else "100", "--runs-dir", runs]),
+        ("eval.py", 35, [py, "eval.py", "--episodes", "1", *(["--num-simulations", "2", "--max-episode-steps", "20"]
+                                                              if tiny else ["--max-episode-steps", "3000"]),
+                         "--ckpt", os.path.join(runs, "*", "ckpt.pt")]),
+    ]
+
+
+def run_stage(name, cap, cmd, run_s):
+    """Run one stage with a time cap; train.py gets SIGINT after run_s seconds (it checkpoints and stops)."""
+    if "--ckpt" in cmd:  # the checkpoint written by the train.py stage
+        found = sorted(glob.glob(cmd[-1]))
+        if not found:
+            return {"stage": name, "status": "skipped", "reason": "no checkpoint from the train.py stage"}
+        cmd = cmd[:-1] + [found[-1]]
+    t0, status = time.time(), "ok"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    limit = run_s if cmd[1] == "train.py" else cap
+    try:
+        out, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)  # train.py: stop at the next step, write a checkpoint
+        try:
+            out, _ = proc.communicate(timeout=max(cap - limit, 5))
+            status = "stopped" if cmd[1] == "train.py" else "timeout"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            status = "timeout"
+    if proc.returncode not in (0, None) and status == "ok":
+        status = "failed"
+    lines = out.splitlines()
+    results = [json.loads(line) for line in lines if line.startswith("{") and '"bench"' in line]
+    return {"stage": name, "status": status, "returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
+            "cmd": " ".join(cmd), "results": results, "output_tail": lines[-40:]}
+
+
+def markdown(report):
+    rows = ["| stage | status | s | result |", "|---|---|---|---|"]
+    for s in report["stages"]:
+        first = s.get("reason") or (s["output_tail"][-1] if s.get("output_tail") else "")
+        rows.append(f"| {s['stage']} | {s['status']} | {s.get('seconds', '')} | {first[:120]} |")
+    search = [r for s in report["stages"] for r in s.get("results", []) if r.get("bench") == "search"]
+    if search:
+        rows += ["", "| setting | backend | graphs | B | N | A | ms/search | sims/s | tree ops share |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {r['setting']} | {r['backend']} | {r['cuda_graphs']} | {r['B']} | {r['N']} | {r['A']} | "
+                 f"{r['ms_median']} | {r['sims_per_s']:,.0f} | {r.get('tree_ops_share', '')} |" for r in search]
+    train = [r for s in report["stages"] for r in s.get("results", []) if r.get("bench") == "train"]
+    if train:
+        rows += ["", "| game | AMP | ms/update | ms/self-play step | projected hours (all updates) |", "|---|---|---|---|---|"]
+        rows += [f"| {r['game']} | {r['amp']} | {r['update_ms_median']} | {r['selfplay_step_ms_median']} | "
+                 f"{r['projected_hours']} |" for r in train]
+    return "\n".join([f"# bench.py device, {report['started']}", "", report["machine"], "", *rows, ""])
+
+
+def bench_device(args):
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    out = args.out or os.path.join("runs", f"device-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    run_dir = os.path.splitext(out)[0]
+    os.makedirs(run_dir, exist_ok=True)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    report = {"started": started, "tiny": args.tiny, "machine": f"{gpu}; torch {torch.__version__}; python "
+              f"{sys.version.split()[0]}", "stages": []}
+    for name, cap, cmd in device_stages(args, run_dir):
+        if args.stages and not any(s in name for s in args.stages):
+            continue
+        print(f"[bench.py device] {name} (cap {cap} s): {' '.join(cmd)}", file=sys.stderr, flush=True)
+        stage = run_stage(name, cap, cmd, args.run_seconds if args.run_seconds else cap - 20)
+        report["stages"].append(stage)
+        print(f"[bench.py device] {name}: {stage['status']} in {stage.get('seconds', 0)} s", file=sys.stderr,
+              flush=True)
+        with open(out, "w") as f:  # after every stage, so a cut session keeps what ran
+            json.dump(report, f, indent=1)
+        with open(os.path.splitext(out)[0] + ".md", "w") as f:
+            f.write(markdown(report))
+    print(json.dumps({"bench": "device", "json": out, "markdown": os.path.splitext(out)[0] + ".md",
+                      "statuses": {s["stage"]: s["status"] for s in report["stages"]}}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("search", help="time mcts.search")
-    s.add_argument("--B", type=int, nargs="+", default=[16, 64, 256, 1536])
-    s.add_argument("--N", type=int, nargs="+", default=[16, 50], help="simulations")
-    s.add_argument("--A", type=int, nargs="+", default=[9, 18])
-    s.add_argument("--settings", "--setting", nargs="+", default=["tree-only", "atari-net"],
-                   choices=["tree-only", "atari-net"])
-    s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    s = sub.add_parser("search", help="time mcts.search (defaults by device: see the top of this help)")
+    s.add_argument("--B", type=int, nargs="+")
+    s.add_argument("--N", type=int, nargs="+", help="simulations")
+    s.add_argument("--A", type=int, nargs="+")
+    s.add_argument("--settings", "--setting", nargs="+", choices=["tree-only", "atari-net"])
+    s.add_argument("--backend", nargs="+", choices=["auto", "torch", "triton"])
+    s.add_argument("--graphs", nargs="+", choices=["on", "off"], help="CUDA graphs (CUDA only)")
+    s.add_argument("--share", action="store_true", help="also time the tree operations (eager searches)")
+    s.add_argument("--device", default=default_device)
     s.add_argument("--repeats", type=int, default=15, help="timed searches per case")
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--warmup", type=int, default=2)
@@ -220,16 +450,34 @@ def main():
                    help="torch CPU threads (0: torch's default). The search is many small ops: on a "
                         "busy machine a second OpenMP thread makes them wait for a core")
     s.set_defaults(func=bench_search)
+    k = sub.add_parser("kernels", help="check the Triton kernels against mcts.py's reference and time both")
+    k.add_argument("--device", default=default_device)
+    k.add_argument("--threads", type=int, default=1)
+    k.set_defaults(func=bench_kernels)
     t = sub.add_parser("train", help="time the training loop and project a full run")
-    t.add_argument("--preset", choices=sorted(train.PRESETS), help="a train.py preset (default: the paper's config)")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="a train.py preset (default: the paper's config)")
     t.add_argument("--game", help="default: the preset's, else MsPacman")
+    t.add_argument("--amp", choices=["on", "off"], default="on", help="mixed precision (CUDA only)")
     t.add_argument("--updates", type=int, default=20, help="timed updates (rounded up to whole rounds)")
     t.add_argument("--warmup", type=int, default=4, help="untimed updates first")
     t.add_argument("--fill", type=int, default=0, help="random transitions in the buffer first (default: "
                    "the config's start_transitions)")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--device", default=default_device)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.set_defaults(func=bench_train)
+    d = sub.add_parser("device", help="every measurement a GPU session needs, in about 8 minutes",
+                       description="Stages, each a subprocess with its own time cap (a failing stage is reported "
+                       "and the next runs): the CUDA tests; the search table (Atari net, A 9, N 50, B 16 256 1536, "
+                       "triton and torch, CUDA graphs on and off); the tree operations' share of an eager search; "
+                       "bench.py train on the paper's MsPacman configuration with AMP on and off; a short real "
+                       "`train.py --game MsPacman` run (stopped with SIGINT, checkpoint every 100 updates); "
+                       "eval.py on its checkpoint for one game. Writes OUT (JSON) and OUT with .md (a table).")
+    d.add_argument("--out", help="JSON path (default runs/device-<time>.json; the .md sits beside it)")
+    d.add_argument("--tiny", action="store_true", help="small sizes and CartPole: seconds, on any machine")
+    d.add_argument("--stages", nargs="+", help="run only the stages whose name contains one of these")
+    d.add_argument("--run-seconds", type=float, default=0, help="stop train.py after this long (default: its cap "
+                   "less 20 s)")
+    d.set_defaults(func=bench_device)
     args = ap.parse_args()
     print(json.dumps({"meta": True, "cmd": " ".join(sys.argv), "torch": torch.__version__}), file=sys.stderr)
     args.func(args)

@@ -36,6 +36,7 @@ Differences from the original EfficientZero search (core/ctree), each decided in
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -296,30 +297,44 @@ class SearchResult(NamedTuple):
 
 
 def search_kwargs(cfg) -> dict:
-    """The search constants of a train.Config as keyword arguments of search (EZ_SPEC §3)."""
+    """The search constants of a config.Config as keyword arguments of search (EZ_SPEC §3)."""
     return dict(gamma=cfg.discount, pb_c_base=cfg.pb_c_base, pb_c_init=cfg.pb_c_init,
                 root_dirichlet_alpha=cfg.root_dirichlet_alpha, root_exploration_fraction=cfg.root_exploration_fraction,
-                lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend)
+                lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend,
+                cuda_graphs=cfg.cuda_graphs)
 
 
 def search(model, root, num_simulations: int, *, add_noise: bool, generator: torch.Generator,
            gamma: float = 0.997**4, pb_c_base: float = 19652, pb_c_init: float = 1.25,
            root_dirichlet_alpha: float = 0.3, root_exploration_fraction: float = 0.25,
            lstm_horizon_len: int = 5, value_delta_max: float = 0.01, backend: str = "auto",
-           tree: Tree | None = None) -> SearchResult:
+           tree: Tree | None = None, cuda_graphs: bool = True) -> SearchResult:
     """Run num_simulations simulations from B roots (root = model.initial_inference(obs)).
 
     EZ_SPEC §3. No host sync inside the simulation loop on CUDA. The search runs under
     torch.inference_mode (no_grad, and cheaper small ops); the tree it returns holds inference
     tensors (read them, or pass the tree back with tree=), visit_counts and root_values are
-    ordinary tensors.
+    ordinary tensors. On CUDA with cuda_graphs=True the simulation loop is replayed from a CUDA
+    graph (see `_graphed`); the tree is then the one cached with the graph (tree= is ignored) and
+    is overwritten by the next search of the same model and size.
     """
     B, A = root.policy_logits.shape
     N = num_simulations + 1
     device = root.policy_logits.device
+    backend = resolve_backend(backend, device)
     select_fn, expand_backup_fn = _tree_ops(backend, device)
+    latent_shape, H = tuple(root.latent.shape[1:]), root.lstm_state[0].shape[-1]
+    graphed = None
+    if cuda_graphs and _graphs_available(device):
+        key = (B, N, A, latent_shape, root.latent.dtype, H, backend, gamma, pb_c_base, pb_c_init, value_delta_max,
+               lstm_horizon_len)
+        graphed = _GRAPHS.setdefault(model, {}).get(key)
+        if graphed is None:
+            with torch.inference_mode():
+                tree = make_tree(B, N, A, latent_shape, H, device, root.latent.dtype)
+            graphed = _GRAPHS[model][key] = _Graphed(tree)
+        tree = graphed.tree
     with torch.inference_mode():
-        latent_shape, H = tuple(root.latent.shape[1:]), root.lstm_state[0].shape[-1]
         if tree is None or tree.children.shape != (B, N, A) or tuple(tree.latent.shape[2:]) != latent_shape:
             tree = make_tree(B, N, A, latent_shape, H, device, root.latent.dtype)
         else:
@@ -338,23 +353,29 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
         tree.lstm_c[:, ROOT] = root.lstm_state[1]
         tree.tiebreak.uniform_(0.0, 1.0, generator=generator)  # [B, N, A] tie-break keys
 
-        first = torch.arange(B, device=device) * N  # [B] flat index of each tree's root
-        latent_of, h_of, c_of = (t.flatten(0, 1) for t in (tree.latent, tree.lstm_h, tree.lstm_c))  # [B*N, ...]
-        for i in range(1, N):  # simulation i expands node i
-            parent, action, depth = select_fn(tree, pb_c_base, pb_c_init, gamma, value_delta_max)
-            rows = first + parent  # [B]
-            out = model.recurrent_inference(
-                latent_of.index_select(0, rows), (h_of.index_select(0, rows), c_of.index_select(0, rows)), action,
-                depth,  # [B] the new node's depth: BatchNorm statistics of that unroll depth (model.py)
-            )
-            # LSTM reset (EZ_SPEC §3): the new node at depth % lstm_horizon_len == 0 stores a zero state
-            keep = (depth % lstm_horizon_len != 0).float()[:, None]  # [B, 1]
-            tree.latent[:, i] = out.latent
-            tree.lstm_h[:, i] = out.lstm_state[0] * keep
-            tree.lstm_c[:, i] = out.lstm_state[1] * keep
-            expand_backup_fn(tree, i, parent, action, out.value_prefix.float().contiguous(),
-                             out.value.float().contiguous(), out.policy_logits.float().contiguous(),
-                             gamma, lstm_horizon_len)
+        def simulate():  # reads and writes only `tree` and the model's weights: a CUDA graph can replay it
+            first = torch.arange(B, device=device) * N  # [B] flat index of each tree's root
+            latent_of, h_of, c_of = (t.flatten(0, 1) for t in (tree.latent, tree.lstm_h, tree.lstm_c))  # [B*N, ...]
+            for i in range(1, N):  # simulation i expands node i
+                parent, action, depth = select_fn(tree, pb_c_base, pb_c_init, gamma, value_delta_max)
+                rows = first + parent  # [B]
+                out = model.recurrent_inference(
+                    latent_of.index_select(0, rows), (h_of.index_select(0, rows), c_of.index_select(0, rows)),
+                    action, depth,  # [B] the new node's depth: BatchNorm statistics of that unroll depth (model.py)
+                )
+                # LSTM reset (EZ_SPEC §3): the new node at depth % lstm_horizon_len == 0 stores a zero state
+                keep = (depth % lstm_horizon_len != 0).float()[:, None]  # [B, 1]
+                tree.latent[:, i] = out.latent
+                tree.lstm_h[:, i] = out.lstm_state[0] * keep
+                tree.lstm_c[:, i] = out.lstm_state[1] * keep
+                expand_backup_fn(tree, i, parent, action, out.value_prefix.float().contiguous(),
+                                 out.value.float().contiguous(), out.policy_logits.float().contiguous(),
+                                 gamma, lstm_horizon_len)
+
+        if graphed is None:
+            simulate()
+        else:
+            graphed.run(simulate, model)
 
         root_children = tree.children[:, ROOT].long()  # [B, A]
         visits = tree.visit_count.gather(1, root_children.clamp(min=0))
@@ -362,6 +383,63 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
         root_values = tree.value_sum[:, ROOT] / tree.visit_count[:, ROOT]  # [B]
     # copies made outside inference mode are ordinary tensors (usable as training targets)
     return SearchResult(visit_counts.clone(), root_values.clone(), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs of the simulation loop (on by default on CUDA; search(cuda_graphs=False) turns them off)
+# ---------------------------------------------------------------------------------------------
+# A search launches ~N x (network + tree) kernels: hundreds to thousands of small launches whose CPU
+# cost would exceed the GPU's work at small B. The loop has a fixed shape and no host sync, reads and
+# writes only the Tree and the model's weights, and draws no random numbers (root noise and tie-break
+# keys are drawn before it), so it is recorded once per (model, tree shape) and replayed. Kernel
+# arguments (tensor addresses, Python floats) are frozen at capture, hence: one cached Tree per graph,
+# the root written into it in place, and new weights copied into the same parameters
+# (model.load_state_dict copies in place; train.py refreshes the acting and target networks that way).
+# A change of parameter addresses (.to(), assign=True) is detected and the loop is recaptured.
+_GRAPHS = weakref.WeakKeyDictionary()  # model -> {search shape: _Graphed}; dropped with the model
+
+
+def _graphs_available(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _weight_addresses(model) -> tuple:
+    """Addresses of an nn.Module's parameters and buffers (other models: none to check)."""
+    tensors = list(model.parameters()) + list(model.buffers()) if isinstance(model, torch.nn.Module) else []
+    return tuple(t.data_ptr() for t in tensors)
+
+
+class _Graphed:
+    """The cached Tree of one (model, search shape) and the CUDA graph of its simulation loop."""
+
+    def __init__(self, tree: Tree):
+        self.tree, self.graph, self.addresses, self.stream = tree, None, None, None
+
+    def run(self, simulate, model):
+        addresses = _weight_addresses(model)
+        if self.graph is not None and addresses == self.addresses:
+            self.graph.replay()
+        elif addresses == self.addresses:  # second search: capture (records, runs nothing), then replay
+            self.graph = _capture(simulate, self.stream)
+            self.graph.replay()
+        else:  # first search, or new weight tensors: eager on the capture stream (compiles kernels, warms cuBLAS)
+            self.graph, self.addresses = None, addresses
+            self.stream = self.stream or torch.cuda.Stream()
+            _on_stream(simulate, self.stream)
+
+
+def _on_stream(fn, stream):
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def _capture(fn, stream):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph
 
 
 @torch.no_grad()
