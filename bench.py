@@ -34,6 +34,7 @@ machine a second OpenMP thread makes every op wait for a free core (10x slower h
 harness's torch model suffers the same, run it with OMP_NUM_THREADS=1 to compare like with like).
 """
 import argparse
+import dataclasses
 import gc
 import glob
 import json
@@ -264,8 +265,11 @@ def bench_train(args):
     from atari import make_env
     if args.threads:
         torch.set_num_threads(args.threads)
+    types = {f.name: f.type for f in dataclasses.fields(Config)}  # int, float, str or bool
+    sets = {k: v.lower() in ("1", "true", "on") if types[k] is bool else types[k](v)
+            for k, v in (kv.split("=", 1) for kv in args.set)}
     cfg = check_config(Config(**{**PRESETS.get(args.preset, {}), **({"game": args.game} if args.game else {}),
-                                 "device": args.device, "amp": args.amp == "on"}))
+                                 "device": args.device, "amp": args.amp == "on", **sets}))
     device = torch.device(args.device)
     env = make_env(cfg.game, cfg.num_envs, cfg.seed, train=True, max_episode_steps=cfg.max_episode_steps)
     st = train.build(cfg, env, device)
@@ -331,6 +335,10 @@ def bench_train(args):
 # one slow or failing stage is reported and the next one runs; results go to one JSON file and a
 # markdown table. --tiny runs the same stages with small sizes on any machine (the CPU test does).
 # ---------------------------------------------------------------------------------------------
+TINY = ["num_envs=2", "num_simulations=2", "batch_size=4", "start_transitions=24", "total_transitions=400",
+        "eval_episodes=1", "eval_max_episode_steps=10"]  # Config fields of --tiny runs (CartPole)
+
+
 def device_stages(args, run_dir):
     py, tiny = sys.executable, args.tiny
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -339,7 +347,7 @@ def device_stages(args, run_dir):
     runs = os.path.join(run_dir, "runs")
     return [
         ("cuda tests", 40, [py, "-m", "pytest", "-q", "-rs", "tests/test_mcts_kernel.py", "tests/test_mcts.py",
-                            "-k", "cuda or graph"]),
+                            "-k", "cuda" if tiny else "cuda or graph"]),
         ("search", 100, [py, "bench.py", "search", *search, "--B", *(["2"] if tiny else ["16", "256", "1536"]),
                          "--graphs", "on", "off", "--repeats", "2" if tiny else "5", "--rounds", "1" if tiny else "5",
                          "--warmup", "1" if tiny else "2"]),
@@ -347,11 +355,15 @@ def device_stages(args, run_dir):
                             "--graphs", "off", "--share", "--repeats", "2" if tiny else "3", "--rounds", "1",
                             "--warmup", "1"]),
         *((f"train, AMP {amp}", 50, [py, "bench.py", "train", *(["--preset", "cartpole", "--updates", "2",
-                                                                  "--warmup", "1"] if tiny else ["--updates", "12"]),
-                                     "--amp", amp]) for amp in ("on", "off")),
-        ("train.py run", 180, [py, "train.py", *(["--preset", "cartpole", "--training-steps", "30", "--log-interval",
-                                                   "50"] if tiny else ["--game", "MsPacman", "--log-interval", "200"]),
-                               "--save-interval", "10" if tiny else "100", "--runs-dir", runs]),
+                                                                  "--warmup", "1", "--threads", "1", "--set",
+                                                                  "training_steps=200", *TINY] if tiny else
+                                                                 ["--updates", "12"]), "--amp", amp])
+          for amp in ("on", "off")),
+        ("train.py run", 180, [py, "train.py", *(["--preset", "cartpole", "--training-steps", "8", "--log-interval",
+                                                   "20", "--eval-interval", "8"] + [
+            "--" + kv.replace("_", "-") for kv in TINY] if tiny else ["--game", "MsPacman",
+                                                                                         "--log-interval", "200"]),
+                               "--save-interval", "4" if tiny else "100", "--runs-dir", runs]),
         ("eval.py", 35, [py, "eval.py", "--episodes", "1", *(["--num-simulations", "2", "--max-episode-steps", "20"]
                                                               if tiny else ["--max-episode-steps", "3000"]),
                          "--ckpt", os.path.join(runs, "*", "ckpt.pt")]),
@@ -462,6 +474,8 @@ def main():
     t.add_argument("--warmup", type=int, default=4, help="untimed updates first")
     t.add_argument("--fill", type=int, default=0, help="random transitions in the buffer first (default: "
                    "the config's start_transitions)")
+    t.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="Config overrides, e.g. "
+                   "num_simulations=2 batch_size=8")
     t.add_argument("--device", default=default_device)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.set_defaults(func=bench_train)
