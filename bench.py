@@ -1,39 +1,28 @@
-"""Throughput benchmarks, one JSON line per case on stdout (CI runs only `device --tiny`, never a timing).
+"""Throughput benchmarks, one JSON line per case on stdout (CI runs only `device --tiny`, and times nothing).
 
     python bench.py search                      # defaults by device, below
     python bench.py search --settings tree-only --B 256 --N 50 --A 9 --backend torch
     python bench.py kernels                     # the Triton kernels against the PyTorch reference, timed
-    python bench.py train                       # the paper's configuration on MsPacman
-    python bench.py train --preset cartpole --updates 200
+    python bench.py train [--preset cartpole]   # the real loop (default: the paper's config on MsPacman)
     python bench.py device                      # everything a GPU session must measure, one command
 
-search: time of one whole `mcts.search` call (root given, as the peer harness does), median and
-min/max over repeats after warm-up, configurations interleaved over rounds so that slow phases of
-a noisy machine hit all of them alike. Defaults: on a CPU the peer comparison (tree-only, A = 9,
-N = 50, B 16 64 256, torch backend: a few seconds); on CUDA both settings, A 9 and 18, N = 50,
-B 16 256 1536, triton and torch backends, CUDA graphs on and off. Settings:
-  tree-only  the trivial fake model of the peer harness (bench_lightzero.py; same weights from
-             numpy default_rng(0)): latent D = 8, next = tanh(W[a] @ latent), linear heads for
-             policy logits, value and value prefix (both through h^-1), LSTM state (h, c) =
-             (next, c). Measures the tree operations and the search loop.
-  atari-net  the real Atari network of model.py, make_model((12, 96, 96), A), random weights
-             (minutes per case on a CPU: ask for it there explicitly).
---share also times the tree operations inside the searches (CUDA events, or the CPU clock) and
-reports their share of the search.
-kernels: fills B trees with S simulations of random leaf outputs through both backends, checks that
-the trees are identical after every step, then times a whole fill with each (on a CPU run it with
-TRITON_INTERPRET=1: correct but slow, its timings mean nothing).
-train: the real loop of train.py (learner_step and selfplay_step, the same functions) after the
-buffer is filled with random transitions: rounds of U updates and one self-play step of the E envs,
-U = E * training_steps / total_transitions (the paper: 4 updates per step of 4 envs, one env step per
-update). Reports the median time of an update and of a self-play step, updates/s and env steps/s
-of the timed rounds, and the projected time of the whole run: training_steps in such rounds plus
-last_steps offline updates (evaluation not included).
-The search and kernels default to --threads 1: the search is thousands of small ops, and on a busy
-machine a second OpenMP thread makes every op wait for a free core (10x slower here; the peer
-harness's torch model suffers the same, run it with OMP_NUM_THREADS=1 to compare like with like).
+search: whole `mcts.search` calls (root given), median and min/max over repeats after warm-up, cases
+interleaved in rounds so that slow phases of a busy machine hit all alike. Defaults: on a CPU the README's
+LightZero comparison (tree-only, A 9, N 50, B 16 64 256, torch: seconds); on CUDA both settings, A 9 and
+18, N 50, B 16 256 1536, triton and torch, CUDA graphs on and off. tree-only is that comparison's fake
+model (same weights, numpy default_rng(0)): latent D = 8, next = tanh(W[a] @ latent), linear heads for
+policy logits, value and value prefix (both through h^-1), LSTM state (next, c). atari-net is model.py's
+Atari network with random weights (minutes per case on a CPU). --share times the tree operations too.
+kernels: B trees filled through both backends, identical after every step, then timed (on a CPU with
+TRITON_INTERPRET=1: correct, slow, timings meaningless).
+train: learner_step and selfplay_step of train.py after a random fill of the buffer, in rounds of
+U = E * training_steps / total_transitions updates and one self-play step (the paper: 4 and 4 envs);
+median update and step, and the projected run (evaluation not included).
+search and kernels use 1 thread: a second OpenMP thread makes each small op wait for a free core on a
+busy machine (10x slower here; time the peer with OMP_NUM_THREADS=1 too).
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
 import glob
@@ -55,7 +44,7 @@ from model import NetworkOutput, inverse_scalar_transform, make_model
 
 
 class TreeOnlyModel:
-    """The peer harness's tree-only model (bench_lightzero.make_weights, same draw order)."""
+    """The tree-only model of the README's LightZero comparison (same weights, same draw order)."""
 
     def __init__(self, A, device, D=8):
         rng = np.random.default_rng(0)
@@ -83,6 +72,10 @@ class TreeOnlyModel:
         return NetworkOutput(latent, (zeros, zeros.clone()), torch.zeros_like(value), value, logits, None, None)
 
 
+def sync(device):
+    torch.cuda.synchronize() if torch.device(device).type == "cuda" else None
+
+
 def atari_problem(B, A, device):
     torch.manual_seed(0)
     net = make_model((12, 96, 96), A).to(device).eval()
@@ -106,23 +99,19 @@ class SearchCase:
         self.tree, self.times, self.depths, self.tree_ms = None, [], [], []
 
     def once(self, timed=True, share=False):
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
         gc.collect()
-        clock = TreeClock(self.device, monkey=share)
         t0 = time.perf_counter()
-        with clock:
+        with tree_clock(self.device, on=share) as tree_ms:
             res = mcts.search(self.model, self.root, self.N, add_noise=True, generator=self.generator,
                               backend=self.backend, tree=self.tree, cuda_graphs=self.graphs)
-            if cuda:
-                torch.cuda.synchronize()
+            sync(self.device)
         dt = time.perf_counter() - t0
         self.tree = res.tree
         if timed:
             self.times.append(dt)
             if share:
-                self.tree_ms.append(clock.ms())
+                self.tree_ms.append(tree_ms())
             depth = res.tree.depth[:, 1:].float()  # [B, N] depths of the expanded nodes
             self.depths.append((depth.mean().item(), depth.max().item()))
             assert bool((res.visit_counts.sum(1) == self.N).all()), "root visits must sum to N"
@@ -142,39 +131,32 @@ class SearchCase:
         return rec
 
 
-class TreeClock:
-    """Times the tree operations (select, expand_backup) inside searches: CUDA events around every call
-    (no sync) or the CPU clock. Only for eager searches: a CUDA graph replays without calling them."""
+@contextlib.contextmanager
+def tree_clock(device, on):
+    """Times the tree operations (select, expand_backup) inside eager searches (a CUDA graph replays without
+    calling them): CUDA events around every call (no sync) or the CPU clock. Yields ms_so_far()."""
+    cuda, spans, saved = device.type == "cuda", [], mcts._tree_ops
 
-    def __init__(self, device, monkey):
-        self.cuda, self.monkey, self.events, self.seconds = device.type == "cuda", monkey, [], 0.0
+    def stamp():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-    def __enter__(self):
-        if self.monkey:
-            self.saved = mcts._tree_ops
-            mcts._tree_ops = lambda backend, device: tuple(map(self.wrap, self.saved(backend, device)))
-
-    def __exit__(self, *exc):
-        if self.monkey:
-            mcts._tree_ops = self.saved
-
-    def wrap(self, fn):
+    def wrap(fn):
         def timed(*args):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args)
-                end.record()
-                self.events.append((start, end))
-                return out
-            t = time.perf_counter()
-            out = fn(*args)
-            self.seconds += time.perf_counter() - t
+            start, out = stamp(), fn(*args)
+            spans.append((start, stamp()))
             return out
         return timed
 
-    def ms(self):
-        return sum(s.elapsed_time(e) for s, e in self.events) if self.cuda else 1e3 * self.seconds
+    if on:
+        mcts._tree_ops = lambda backend, dev: tuple(map(wrap, saved(backend, dev)))
+    try:
+        yield lambda: sum(s.elapsed_time(e) if cuda else 1e3 * (e - s) for s, e in spans)
+    finally:
+        mcts._tree_ops = saved
 
 
 def bench_search(args):
@@ -182,17 +164,14 @@ def bench_search(args):
     defaults = dict(settings=["tree-only", "atari-net"] if cuda else ["tree-only"], B=[16, 256, 1536] if cuda else
                     [16, 64, 256], N=[50], A=[9, 18] if cuda else [9], backend=["triton", "torch"] if cuda else
                     ["torch"], graphs=["on", "off"] if cuda else ["off"])
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     cases = [SearchCase(args, s, B, N, A, backend, graphs == "on") for s in args.settings for B in args.B
              for N in args.N for A in args.A for backend in args.backend for graphs in args.graphs]
     for c in cases:
         for _ in range(args.warmup):
             c.once(timed=False)
-    # Interleave configurations in rounds, as the peer harness (bench_lightzero.py).
+    # Interleave configurations in rounds (so does the README's LightZero comparison)
     for r in range(args.rounds):
         for c in cases:
             for _ in range(args.repeats // args.rounds + (r < args.repeats % args.rounds)):
@@ -204,36 +183,31 @@ def bench_search(args):
 def bench_kernels(args):
     """The Triton kernels against the PyTorch reference, step by step, then timed (no network)."""
     import mcts_kernel
-    device = args.device
+    device, gamma, horizon = args.device, 0.997**4, 5
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("bench.py kernels: no GPU: run with TRITON_INTERPRET=1 to use the Triton interpreter")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    gamma, horizon = 0.997**4, 5
     ops = {"torch": (mcts.select, mcts.expand_backup), "triton": (mcts_kernel.select, mcts_kernel.expand_backup)}
 
-    def leaf_outputs(B, A, S, seed):
-        g = torch.Generator(device).manual_seed(seed)
-        return [(torch.randn(B, generator=g, device=device), torch.randn(B, generator=g, device=device),
-                 torch.randn(B, A, generator=g, device=device)) for _ in range(S)]
-
-    def root_tree(B, S, A, seed):
+    def root_and_leaves(B, S, A, seed):  # a tree holding its root, and S random (value prefix, value, logits)
         g = torch.Generator(device).manual_seed(seed)
         tree = mcts.make_tree(B, S + 1, A, (1,), 1, device)
         tree.visit_count[:, mcts.ROOT] = 1
         tree.value_sum[:, mcts.ROOT] = torch.randn(B, generator=g, device=device)
         tree.prior[:, mcts.ROOT] = torch.softmax(torch.randn(B, A, generator=g, device=device), -1)
         tree.tiebreak.uniform_(0.0, 1.0, generator=g)
-        return tree
+        return tree, [(torch.randn(B, generator=g, device=device), torch.randn(B, generator=g, device=device),
+                       torch.randn(B, A, generator=g, device=device)) for _ in range(S)]
 
     def fill(backend, tree, leaves):
-        select_fn, expand_backup_fn = ops[backend]
         for i, (value_prefix, value, policy_logits) in enumerate(leaves, start=1):
-            parent, action, _ = select_fn(tree, 19652, 1.25, gamma, 0.01)
-            expand_backup_fn(tree, i, parent, action, value_prefix, value, policy_logits, gamma, horizon)
+            parent, action, _ = ops[backend][0](tree, 19652, 1.25, gamma, 0.01)
+            ops[backend][1](tree, i, parent, action, value_prefix, value, policy_logits, gamma, horizon)
 
     B, A, S = (257, 18, 50) if device == "cuda" else (9, 7, 20)  # awkward sizes: B odd, A not a power of 2
-    ref, ker, same = root_tree(B, S, A, seed=0), root_tree(B, S, A, seed=0), 0
-    for i, (value_prefix, value, policy_logits) in enumerate(leaf_outputs(B, A, S, seed=1), start=1):
+    (ref, leaves), same = root_and_leaves(B, S, A, seed=0), 0
+    ker = mcts.Tree(**{name: getattr(ref, name).clone() for name in ref.__dataclass_fields__})
+    for i, (value_prefix, value, policy_logits) in enumerate(leaves, start=1):
         r, k = mcts.select(ref, 19652, 1.25, gamma, 0.01), mcts_kernel.select(ker, 19652, 1.25, gamma, 0.01)
         same += all(torch.equal(x, y) for x, y in zip(r, k))
         mcts.expand_backup(ref, i, r[0], r[1], value_prefix, value, policy_logits, gamma, horizon)
@@ -243,17 +217,14 @@ def bench_kernels(args):
     print(json.dumps({"bench": "kernels_check", "device": device, "B": B, "A": A, "S": S,
                       "select_identical_steps": same, "max_abs_diff": worst}), flush=True)
     for B, A, S in ([(256, 18, 50), (1536, 18, 50)] if device == "cuda" else [(8, 18, 10)]):
-        leaves = leaf_outputs(B, A, S, seed=2)
         for backend in ("torch", "triton"):
-            trees = [root_tree(B, S, A, seed=3) for _ in range(4)]
-            fill(backend, trees[0], leaves)  # warm-up (compiles)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            runs = [root_and_leaves(B, S, A, seed=2) for _ in range(4)]
+            fill(backend, *runs[0])  # warm-up (compiles)
+            sync(device)
             t0 = time.perf_counter()
-            for tree in trees[1:]:
+            for tree, leaves in runs[1:]:
                 fill(backend, tree, leaves)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             ms = (time.perf_counter() - t0) / 3 * 1e3
             print(json.dumps({"bench": "kernels", "device": device, "backend": backend, "B": B, "A": A, "S": S,
                               "ms_per_search": round(ms, 3), "us_per_simulation": round(ms / S * 1e3, 1)}),
@@ -263,8 +234,7 @@ def bench_kernels(args):
 def bench_train(args):
     import train  # the real loop's functions
     from atari import make_env
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     types = {f.name: f.type for f in dataclasses.fields(Config)}  # int, float, str or bool
     sets = {k: v.lower() in ("1", "true", "on") if types[k] is bool else types[k](v)
             for k, v in (kv.split("=", 1) for kv in args.set)}
@@ -287,22 +257,20 @@ def bench_train(args):
     per_round, steps_per_round = (max(1, round(ratio)), 1) if ratio >= 1 else (1, round(1 / ratio))
 
     def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return out, time.perf_counter() - t
 
     tree, learn, play, rounds = None, [], [], []
-    warmup_rounds = -(-args.warmup // per_round)
+    warmup_rounds = -(-args.warmup // per_round)  # ceil
     total_rounds = warmup_rounds + -(-args.updates // per_round)
     for r in range(total_rounds):
         t_round = time.perf_counter()
         times = [timed(lambda: train.learner_step(st, cfg))[1] for _ in range(per_round)]
         steps = []
-        for _ in range(steps_per_round):
+        for _ in range(steps_per_round):  # (obs, tree) carry over to the next step
             (obs, tree, _), t_play = timed(lambda: train.selfplay_step(st, env, obs, tree, cfg))
             steps.append(t_play)
         if r >= warmup_rounds:
@@ -313,59 +281,57 @@ def bench_train(args):
               f"{steps_per_round} self-play steps {1e3 * statistics.mean(steps):.1f} ms each", file=sys.stderr,
               flush=True)
     env.close()
-    wall = sum(rounds)
-    learn_ms, play_ms = 1e3 * statistics.median(learn), 1e3 * statistics.median(play)
-    round_s = statistics.median(rounds)
-    projected = cfg.training_steps / per_round * round_s + cfg.last_steps * learn_ms / 1e3
+    wall, learn_ms, play_ms = sum(rounds), 1e3 * statistics.median(learn), 1e3 * statistics.median(play)
+    projected = cfg.training_steps / per_round * statistics.median(rounds) + cfg.last_steps * learn_ms / 1e3
     print(json.dumps({
-        "bench": "train", "device": str(device), "game": cfg.game, "preset": args.preset,
-        "num_envs": cfg.num_envs, "batch_size": cfg.batch_size, "num_simulations": cfg.num_simulations,
-        "amp": st.scaler.is_enabled(), "search_backend": mcts.resolve_backend(cfg.search_backend, device),
-        "cuda_graphs": cfg.cuda_graphs and device.type == "cuda", "buffer": len(st.buf),
-        "updates_per_round": per_round, "selfplay_steps_per_round": steps_per_round, "timed_updates": len(learn),
+        "bench": "train", "device": str(device), "game": cfg.game, "preset": args.preset, "num_envs": cfg.num_envs,
+        "batch_size": cfg.batch_size, "num_simulations": cfg.num_simulations, "amp": st.scaler.is_enabled(),
+        "search_backend": mcts.resolve_backend(cfg.search_backend, device), "cuda_graphs": cfg.cuda_graphs and
+        device.type == "cuda", "buffer": len(st.buf), "updates_per_round": per_round,
+        "selfplay_steps_per_round": steps_per_round, "timed_updates": len(learn),
         "update_ms_median": round(learn_ms, 2), "selfplay_step_ms_median": round(play_ms, 2),
         "updates_per_s": round(len(learn) / wall, 3), "env_steps_per_s": round(len(play) * cfg.num_envs / wall, 3),
-        "total_updates": cfg.training_steps + cfg.last_steps,
-        "projected_hours": round(projected / 3600, 3), "torch_threads": torch.get_num_threads(),
+        "total_updates": cfg.training_steps + cfg.last_steps, "projected_hours": round(projected / 3600, 3),
+        "torch_threads": torch.get_num_threads(),
     }), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# bench.py device: one command for a GPU session. Each stage is a subprocess with its own time cap, so
-# one slow or failing stage is reported and the next one runs; results go to one JSON file and a
-# markdown table. --tiny runs the same stages with small sizes on any machine (the CPU test does).
+# bench.py device: one command for a GPU session (device_stages). --tiny: the same, small, on any machine.
 # ---------------------------------------------------------------------------------------------
-TINY = ["num_envs=2", "num_simulations=2", "batch_size=4", "start_transitions=24", "total_transitions=400",
-        "eval_episodes=1", "eval_max_episode_steps=10"]  # Config fields of --tiny runs (CartPole)
+TINY = ["num_envs=2", "num_simulations=2", "batch_size=4", "start_transitions=24", "total_transitions=400",  # CartPole
+        "eval_episodes=1", "eval_max_episode_steps=10"]
 
 
 def device_stages(args, run_dir):
-    py, tiny = sys.executable, args.tiny
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    backends = ["triton", "torch"] if (not tiny or interp) else ["torch"]
-    search = ["--settings", "atari-net", "--A", "9", "--N", "4" if tiny else "50", "--backend", *backends]
-    runs = os.path.join(run_dir, "runs")
+    """Stages, each a subprocess with its own time cap (480 s in all; a failing stage is reported and the
+    next runs): the CUDA tests; the search table (Atari net, A 9, N 50, B 16 256 1536, triton and torch,
+    CUDA graphs on and off); the tree operations' share of an eager search; bench.py train on the paper's
+    MsPacman configuration, AMP on and off; a real `train.py --game MsPacman` run of about 3 minutes
+    (SIGINT at its cap less 20 s, a checkpoint every 100 updates); eval.py on its checkpoint, one game.
+    Writes OUT (JSON, after every stage) and OUT with .md (tables)."""
+    py, tiny, runs = sys.executable, args.tiny, os.path.join(run_dir, "runs")
+    pick = lambda small, full: small if tiny else full  # noqa: E731
+    backends = ["triton", "torch"] if not tiny or os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
+    search = [py, "bench.py", "search", "--settings", "atari-net", "--A", "9", "--N", pick("4", "50"), "--warmup",
+              "1", "--backend", *backends]
+    train_tiny = ["--preset", "cartpole", "--updates", "2", "--warmup", "1", "--threads", "1", "--set",
+                  "training_steps=200", *TINY]
+    run_tiny = ["--preset", "cartpole", "--training-steps", "8", "--log-interval", "20", "--eval-interval", "8",
+                *("--" + kv.replace("_", "-") for kv in TINY)]
     return [
         ("cuda tests", 40, [py, "-m", "pytest", "-q", "-rs", "tests/test_mcts_kernel.py", "tests/test_mcts.py",
-                            "-k", "cuda" if tiny else "cuda or graph"]),
-        ("search", 100, [py, "bench.py", "search", *search, "--B", *(["2"] if tiny else ["16", "256", "1536"]),
-                         "--graphs", "on", "off", "--repeats", "2" if tiny else "5", "--rounds", "1" if tiny else "5",
-                         "--warmup", "1" if tiny else "2"]),
-        ("tree share", 25, [py, "bench.py", "search", *search, "--B", *(["2"] if tiny else ["256", "1536"]),
-                            "--graphs", "off", "--share", "--repeats", "2" if tiny else "3", "--rounds", "1",
-                            "--warmup", "1"]),
-        *((f"train, AMP {amp}", 50, [py, "bench.py", "train", *(["--preset", "cartpole", "--updates", "2",
-                                                                  "--warmup", "1", "--threads", "1", "--set",
-                                                                  "training_steps=200", *TINY] if tiny else
-                                                                 ["--updates", "12"]), "--amp", amp])
+                            "-k", pick("cuda", "cuda or graph")]),
+        ("search", 100, [*search, "--B", *pick(["2"], ["16", "256", "1536"]), "--graphs", "on", "off",
+                         "--repeats", pick("2", "5"), "--rounds", pick("1", "5")]),
+        ("tree share", 25, [*search, "--B", *pick(["2"], ["256", "1536"]), "--graphs", "off", "--share",
+                            "--repeats", pick("2", "3"), "--rounds", "1"]),
+        *((f"train, AMP {amp}", 50, [py, "bench.py", "train", *pick(train_tiny, ["--updates", "12"]), "--amp", amp])
           for amp in ("on", "off")),
-        ("train.py run", 180, [py, "train.py", *(["--preset", "cartpole", "--training-steps", "8", "--log-interval",
-                                                   "20", "--eval-interval", "8"] + [
-            "--" + kv.replace("_", "-") for kv in TINY] if tiny else ["--game", "MsPacman",
-                                                                                         "--log-interval", "200"]),
-                               "--save-interval", "4" if tiny else "100", "--runs-dir", runs]),
-        ("eval.py", 35, [py, "eval.py", "--episodes", "1", *(["--num-simulations", "2", "--max-episode-steps", "20"]
-                                                              if tiny else ["--max-episode-steps", "3000"]),
+        ("train.py run", 180, [py, "train.py", *pick(run_tiny, ["--game", "MsPacman", "--log-interval", "200"]),
+                               "--save-interval", pick("4", "100"), "--runs-dir", runs]),
+        ("eval.py", 35, [py, "eval.py", "--episodes", "1", *pick(["--num-simulations", "2", "--max-episode-steps",
+                                                                  "20"], ["--max-episode-steps", "3000"]),
                          "--ckpt", os.path.join(runs, "*", "ckpt.pt")]),
     ]
 
@@ -377,9 +343,8 @@ def run_stage(name, cap, cmd, run_s):
         if not found:
             return {"stage": name, "status": "skipped", "reason": "no checkpoint from the train.py stage"}
         cmd = cmd[:-1] + [found[-1]]
-    t0, status = time.time(), "ok"
+    t0, status, limit = time.time(), "ok", run_s if cmd[1] == "train.py" else cap
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    limit = run_s if cmd[1] == "train.py" else cap
     try:
         out, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -391,19 +356,17 @@ def run_stage(name, cap, cmd, run_s):
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             status = "timeout"
-    if proc.returncode not in (0, None) and status == "ok":
-        status = "failed"
+    status = "failed" if status == "ok" and proc.returncode else status
     lines = out.splitlines()
-    results = [json.loads(line) for line in lines if line.startswith("{") and '"bench"' in line]
+    results = [json.loads(line) for line in lines if line.startswith('{"bench"')]
     return {"stage": name, "status": status, "returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
             "cmd": " ".join(cmd), "results": results, "output_tail": lines[-40:]}
 
 
 def markdown(report):
-    rows = ["| stage | status | s | result |", "|---|---|---|---|"]
-    for s in report["stages"]:
-        first = s.get("reason") or (s["output_tail"][-1] if s.get("output_tail") else "")
-        rows.append(f"| {s['stage']} | {s['status']} | {s.get('seconds', '')} | {first[:120]} |")
+    rows = ["| stage | status | s | last line |", "|---|---|---|---|"]
+    rows += [f"| {s['stage']} | {s['status']} | {s.get('seconds', '')} | "
+             f"{(s.get('reason') or (s.get('output_tail') or [''])[-1])[:120]} |" for s in report["stages"]]
     search = [r for s in report["stages"] for r in s.get("results", []) if r.get("bench") == "search"]
     if search:
         rows += ["", "| setting | backend | graphs | B | N | A | ms/search | sims/s | tree ops share |",
@@ -419,13 +382,12 @@ def markdown(report):
 
 
 def bench_device(args):
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
     out = args.out or os.path.join("runs", f"device-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    run_dir = os.path.splitext(out)[0]
+    run_dir, md = os.path.splitext(out)[0], os.path.splitext(out)[0] + ".md"
     os.makedirs(run_dir, exist_ok=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    report = {"started": started, "tiny": args.tiny, "machine": f"{gpu}; torch {torch.__version__}; python "
-              f"{sys.version.split()[0]}", "stages": []}
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "tiny": args.tiny, "stages": [],
+              "machine": f"{gpu}; torch {torch.__version__}; python {sys.version.split()[0]}"}
     for name, cap, cmd in device_stages(args, run_dir):
         if args.stages and not any(s in name for s in args.stages):
             continue
@@ -434,11 +396,10 @@ def bench_device(args):
         report["stages"].append(stage)
         print(f"[bench.py device] {name}: {stage['status']} in {stage.get('seconds', 0)} s", file=sys.stderr,
               flush=True)
-        with open(out, "w") as f:  # after every stage, so a cut session keeps what ran
+        with open(out, "w") as f, open(md, "w") as g:  # after every stage, so a cut session keeps what ran
             json.dump(report, f, indent=1)
-        with open(os.path.splitext(out)[0] + ".md", "w") as f:
-            f.write(markdown(report))
-    print(json.dumps({"bench": "device", "json": out, "markdown": os.path.splitext(out)[0] + ".md",
+            g.write(markdown(report))
+    print(json.dumps({"bench": "device", "json": out, "markdown": md,
                       "statuses": {s["stage"]: s["status"] for s in report["stages"]}}), flush=True)
 
 
@@ -447,24 +408,17 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     s = sub.add_parser("search", help="time mcts.search (defaults by device: see the top of this help)")
-    s.add_argument("--B", type=int, nargs="+")
-    s.add_argument("--N", type=int, nargs="+", help="simulations")
-    s.add_argument("--A", type=int, nargs="+")
+    for name, help in (("--B", "roots"), ("--N", "simulations"), ("--A", "actions")):
+        s.add_argument(name, type=int, nargs="+", help=help)
     s.add_argument("--settings", "--setting", nargs="+", choices=["tree-only", "atari-net"])
     s.add_argument("--backend", nargs="+", choices=["auto", "torch", "triton"])
     s.add_argument("--graphs", nargs="+", choices=["on", "off"], help="CUDA graphs (CUDA only)")
     s.add_argument("--share", action="store_true", help="also time the tree operations (eager searches)")
-    s.add_argument("--device", default=default_device)
     s.add_argument("--repeats", type=int, default=15, help="timed searches per case")
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default). The search is many small ops: on a "
-                        "busy machine a second OpenMP thread makes them wait for a core")
     s.set_defaults(func=bench_search)
     k = sub.add_parser("kernels", help="check the Triton kernels against mcts.py's reference and time both")
-    k.add_argument("--device", default=default_device)
-    k.add_argument("--threads", type=int, default=1)
     k.set_defaults(func=bench_kernels)
     t = sub.add_parser("train", help="time the training loop and project a full run")
     t.add_argument("--preset", choices=sorted(PRESETS), help="a train.py preset (default: the paper's config)")
@@ -476,21 +430,16 @@ def main():
                    "the config's start_transitions)")
     t.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="Config overrides, e.g. "
                    "num_simulations=2 batch_size=8")
-    t.add_argument("--device", default=default_device)
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.set_defaults(func=bench_train)
-    d = sub.add_parser("device", help="every measurement a GPU session needs, in about 8 minutes",
-                       description="Stages, each a subprocess with its own time cap (a failing stage is reported "
-                       "and the next runs): the CUDA tests; the search table (Atari net, A 9, N 50, B 16 256 1536, "
-                       "triton and torch, CUDA graphs on and off); the tree operations' share of an eager search; "
-                       "bench.py train on the paper's MsPacman configuration with AMP on and off; a short real "
-                       "`train.py --game MsPacman` run (stopped with SIGINT, checkpoint every 100 updates); "
-                       "eval.py on its checkpoint for one game. Writes OUT (JSON) and OUT with .md (a table).")
+    for p, threads in ((s, 1), (k, 1), (t, 0)):
+        p.add_argument("--device", default=default_device)
+        p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: torch's default)")
+    d = sub.add_parser("device", help="every measurement a GPU session needs, in at most 8 minutes",
+                       description=device_stages.__doc__)
     d.add_argument("--out", help="JSON path (default runs/device-<time>.json; the .md sits beside it)")
     d.add_argument("--tiny", action="store_true", help="small sizes and CartPole: seconds, on any machine")
     d.add_argument("--stages", nargs="+", help="run only the stages whose name contains one of these")
-    d.add_argument("--run-seconds", type=float, default=0, help="stop train.py after this long (default: its cap "
-                   "less 20 s)")
+    d.add_argument("--run-seconds", type=float, default=0, help="stop train.py after this long (default: cap - 20)")
     d.set_defaults(func=bench_device)
     args = ap.parse_args()
     print(json.dumps({"meta": True, "cmd": " ".join(sys.argv), "torch": torch.__version__}), file=sys.stderr)

@@ -1,6 +1,7 @@
 """Tests of mcts.py: a hand-computed tree, the batched reference against the per-node oracle
 (tests/mcts_oracle.py), and the invariants of DESIGN.md (visits sum to N, batch independence,
 same seed same result, noise only when asked), the Dirichlet sampler and select_action."""
+import contextlib
 import math
 import os
 
@@ -254,7 +255,7 @@ def test_fixed_trip_count_path_gives_the_same_tree(monkeypatch):
     model = LinearModel(A, seed=4)
     root = model.initial_inference(B, seed=5)
     early = run(model, root, n)
-    monkeypatch.setattr(mcts, "_stop_early", lambda device, go_on: False)
+    monkeypatch.setattr(mcts, "_host_reads", lambda device: False)
     fixed = run(model, root, n)
     for name in ("visit_count", "parent", "action", "children", "min_max"):
         assert torch.equal(getattr(early.tree, name), getattr(fixed.tree, name)), name
@@ -377,9 +378,15 @@ def test_graph_cache_replays_the_loop_on_new_roots_and_weights(monkeypatch):
     kept anything of the search that recorded it (a root, a generator draw) would fail this."""
     from model import make_model
     monkeypatch.setattr(mcts, "_graphs_available", lambda device: True)
-    monkeypatch.setattr(mcts, "_on_stream", lambda fn, stream: fn())
     monkeypatch.setattr(mcts, "_capture", RecordedGraph)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: None)
+
+    class Stream:  # CUDA streams, as no-ops
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     RecordedGraph.captures = 0
     torch.manual_seed(0)
     net, fresh = (make_model((6,), 4, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10).eval()

@@ -36,7 +36,7 @@ ENV_BOUNDARY = {
 
 @pytest.fixture
 def no_early_stop(monkeypatch):
-    monkeypatch.setattr(mcts, "_stop_early", lambda device, go_on: False)  # fixed trip counts, as on CUDA
+    monkeypatch.setattr(mcts, "_host_reads", lambda device: False)  # fixed trip counts, as on CUDA
 
 
 def _search(net, backend, B=3, A=4, sims=6):
@@ -67,7 +67,7 @@ def test_the_checker_finds_syncs():
     run = _search("mlp", "torch")
     with HostSyncs() as syncs:
         run()
-    assert any(f == "mcts.py" and fn == "_stop_early" for _, _, f, _, fn, _ in syncs.events), syncs.report()
+    assert any(f == "mcts.py" and fn in ("select", "expand_backup") for _, _, f, _, fn, _ in syncs.events), syncs.report()
     host = torch.arange(3)  # no device=: a host tensor, free to read
     with HostSyncs() as syncs:
         x = torch.arange(6.0, device=torch.device("cpu"))  # explicit device=: a device tensor
