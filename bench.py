@@ -56,8 +56,7 @@ class TreeOnlyModel:
 
     def heads(self, x):  # [B, D] -> logits [B, A], value [B], value prefix [B]
         out = x @ self.H
-        value, value_prefix = inverse_scalar_transform(out[:, self.A:]).unbind(1)  # h^-1 of both at once
-        return out[:, : self.A], value, value_prefix
+        return out[:, : self.A], inverse_scalar_transform(out[:, self.A]), inverse_scalar_transform(out[:, self.A + 1])
 
     def recurrent_inference(self, latent, lstm_state, action, depth):
         nxt = torch.tanh((self.W[action] * latent.unsqueeze(1)).sum(-1))  # [B, D] tanh(W[a] @ latent)

@@ -293,7 +293,7 @@ def search_kwargs(cfg) -> dict:
     return dict(gamma=cfg.discount, pb_c_base=cfg.pb_c_base, pb_c_init=cfg.pb_c_init,
                 root_dirichlet_alpha=cfg.root_dirichlet_alpha, root_exploration_fraction=cfg.root_exploration_fraction,
                 lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend,
-                cuda_graphs=cfg.cuda_graphs)
+                cuda_graphs=getattr(cfg, "cuda_graphs", True))  # (configs made before the field: on)
 
 
 def search(model, root, num_simulations: int, *, add_noise: bool, generator: torch.Generator,
