@@ -105,14 +105,12 @@ class SearchCase:
             res = mcts.search(self.model, self.root, self.N, add_noise=True, generator=self.generator,
                               backend=self.backend, tree=self.tree, cuda_graphs=self.graphs)
             sync(self.device)
-        dt = time.perf_counter() - t0
-        self.tree = res.tree
+        dt, self.tree = time.perf_counter() - t0, res.tree
         if timed:
             self.times.append(dt)
             if share:
                 self.tree_ms.append(tree_ms())
-            depth = res.tree.depth[:, 1:].float()  # [B, N] depths of the expanded nodes
-            self.depths.append((depth.mean().item(), depth.max().item()))
+            self.depths.append((res.tree.depth[:, 1:].float().mean().item(), res.tree.depth[:, 1:].max().item()))
             assert bool((res.visit_counts.sum(1) == self.N).all()), "root visits must sum to N"
 
     def record(self):
@@ -319,13 +317,13 @@ def device_stages(args, run_dir):
     run_tiny = ["--preset", "cartpole", "--training-steps", "8", "--log-interval", "20", "--eval-interval", "8",
                 *("--" + kv.replace("_", "-") for kv in TINY)]
     return [
-        ("cuda tests", 40, [py, "-m", "pytest", "-q", "-rs", "tests/test_mcts_kernel.py", "tests/test_mcts.py",
+        ("cuda tests", 60, [py, "-m", "pytest", "-q", "-rs", "tests/test_mcts_kernel.py", "tests/test_mcts.py",
                             "-k", pick("cuda", "cuda or graph")]),
-        ("search", 100, [*search, "--B", *pick(["2"], ["16", "256", "1536"]), "--graphs", "on", "off",
+        ("search", 90, [*search, "--B", *pick(["2"], ["16", "256", "1536"]), "--graphs", "on", "off",
                          "--repeats", pick("2", "5"), "--rounds", pick("1", "5")]),
-        ("tree share", 25, [*search, "--B", *pick(["2"], ["256", "1536"]), "--graphs", "off", "--share",
+        ("tree share", 20, [*search, "--B", *pick(["2"], ["256", "1536"]), "--graphs", "off", "--share",
                             "--repeats", pick("2", "3"), "--rounds", "1"]),
-        *((f"train, AMP {amp}", 50, [py, "bench.py", "train", *pick(train_tiny, ["--updates", "12"]), "--amp", amp])
+        *((f"train, AMP {amp}", 45, [py, "bench.py", "train", *pick(train_tiny, ["--updates", "12"]), "--amp", amp])
           for amp in ("on", "off")),
         ("train.py run", 180, [py, "train.py", *pick(run_tiny, ["--game", "MsPacman", "--log-interval", "200"]),
                                "--save-interval", pick("4", "100"), "--runs-dir", runs]),
@@ -381,9 +379,11 @@ def markdown(report):
 
 
 def bench_device(args):
-    out = args.out or os.path.join("runs", f"device-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    run_dir, md = os.path.splitext(out)[0], os.path.splitext(out)[0] + ".md"
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = os.path.join("runs", f"device-{time.strftime('%Y%m%d-%H%M%S')}")  # the train.py run, its checkpoint
+    out = args.out or run_dir + ".json"
+    md = os.path.splitext(out)[0] + ".md"
+    for folder in (run_dir, os.path.dirname(out) or "."):
+        os.makedirs(folder, exist_ok=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "tiny": args.tiny, "stages": [],
               "machine": f"{gpu}; torch {torch.__version__}; python {sys.version.split()[0]}"}
@@ -435,7 +435,8 @@ def main():
         p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (0: torch's default)")
     d = sub.add_parser("device", help="every measurement a GPU session needs, in at most 8 minutes",
                        description=device_stages.__doc__)
-    d.add_argument("--out", help="JSON path (default runs/device-<time>.json; the .md sits beside it)")
+    d.add_argument("--out", help="JSON path (default runs/device-<time>.json; the .md sits beside it; the train.py "
+                   "run goes to runs/device-<time>/ in any case)")
     d.add_argument("--tiny", action="store_true", help="small sizes and CartPole: seconds, on any machine")
     d.add_argument("--stages", nargs="+", help="run only the stages whose name contains one of these")
     d.add_argument("--run-seconds", type=float, default=0, help="stop train.py after this long (default: cap - 20)")

@@ -320,7 +320,7 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
     if cuda_graphs and _graphs_available(device):  # one cached Tree and graph per (model, search size)
         key = (B, N, A, latent_shape, root.latent.dtype, H, backend, gamma, pb_c_base, pb_c_init, value_delta_max,
                lstm_horizon_len)
-        graphed = _GRAPHS.setdefault(model, {}).setdefault(key, _Graphed())
+        graphed = _GRAPHS.setdefault(model, {}).setdefault(key, _Graphed())  # (model: weak-referenceable)
         tree = graphed.tree
     with torch.inference_mode():
         if tree is None or tree.children.shape != (B, N, A) or tuple(tree.latent.shape[2:]) != latent_shape:
