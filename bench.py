@@ -311,7 +311,7 @@ def device_stages(args, run_dir):
     pick = lambda small, full: small if tiny else full  # noqa: E731
     backends = ["triton", "torch"] if not tiny or os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
     search = [py, "bench.py", "search", "--settings", "atari-net", "--A", "9", "--N", pick("4", "50"), "--warmup",
-              "1", "--backend", *backends]
+              "1", "--backend"]
     train_tiny = ["--preset", "cartpole", "--updates", "2", "--warmup", "1", "--threads", "1", "--set",
                   "training_steps=200", *TINY]
     run_tiny = ["--preset", "cartpole", "--training-steps", "8", "--log-interval", "20", "--eval-interval", "8",
@@ -319,15 +319,15 @@ def device_stages(args, run_dir):
     return [
         ("cuda tests", 60, [py, "-m", "pytest", "-q", "-rs", "tests/test_mcts_kernel.py", "tests/test_mcts.py",
                             "-k", pick("cuda", "cuda or graph")]),
-        ("search", 90, [*search, "--B", *pick(["2"], ["16", "256", "1536"]), "--graphs", "on", "off",
+        ("search", 90, [*search, *backends, "--B", *pick(["2"], ["16", "256", "1536"]), "--graphs", "on", "off",
                          "--repeats", pick("2", "5"), "--rounds", pick("1", "5")]),
-        ("tree share", 20, [*search, "--B", *pick(["2"], ["256", "1536"]), "--graphs", "off", "--share",
+        ("tree share", 20, [*search, backends[0], "--B", *pick(["2"], ["256", "1536"]), "--graphs", "off", "--share",
                             "--repeats", pick("2", "3"), "--rounds", "1"]),
         *((f"train, AMP {amp}", 45, [py, "bench.py", "train", *pick(train_tiny, ["--updates", "12"]), "--amp", amp])
           for amp in ("on", "off")),
-        ("train.py run", 180, [py, "train.py", *pick(run_tiny, ["--game", "MsPacman", "--log-interval", "200"]),
+        ("train.py run", 170, [py, "train.py", *pick(run_tiny, ["--game", "MsPacman", "--log-interval", "200"]),
                                "--save-interval", pick("4", "100"), "--runs-dir", runs]),
-        ("eval.py", 35, [py, "eval.py", "--episodes", "1", *pick(["--num-simulations", "2", "--max-episode-steps",
+        ("eval.py", 45, [py, "eval.py", "--episodes", "1", *pick(["--num-simulations", "2", "--max-episode-steps",
                                                                   "20"], ["--max-episode-steps", "3000"]),
                          "--ckpt", os.path.join(runs, "*", "ckpt.pt")]),
     ]
