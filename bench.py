@@ -406,7 +406,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = sub.add_parser("search", help="time mcts.search (defaults by device: see the top of this help)")
+    s = sub.add_parser("search", help="time mcts.search", description=__doc__.split("\n\n")[2])
     for name, help in (("--B", "roots"), ("--N", "simulations"), ("--A", "actions")):
         s.add_argument(name, type=int, nargs="+", help=help)
     s.add_argument("--settings", "--setting", nargs="+", choices=["tree-only", "atari-net"])
