@@ -129,6 +129,9 @@ class Config:
     """zeta: the value prefix restarts every zeta steps of an unroll or a search path"""
     search_backend: str = "auto"
     """"torch", "triton" or "auto" (triton on CUDA)"""
+    cuda_graphs: bool = True
+    """on CUDA, record each search's simulation loop in a CUDA graph once per network and search size and replay
+    it (mcts.py "CUDA graphs"); --no-cuda-graphs runs it eagerly"""
     # ---- network (EZ_SPEC §2; hidden and latent_dim are for vector observations) ----
     channels: int = 64
     """latent channels"""

@@ -36,6 +36,7 @@ Differences from the original EfficientZero search (core/ctree), each decided in
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,23 +70,14 @@ class Tree:
 
 def make_tree(B, N, A, latent_shape, lstm_hidden, device, latent_dtype=torch.float32) -> Tree:
     """Allocate B trees of N node slots (N = num_simulations + 1) and A actions."""
-    i32 = dict(dtype=torch.int32, device=device)
-    f32 = dict(dtype=torch.float32, device=device)
-    tree = Tree(
-        visit_count=torch.empty(B, N, **i32),
-        value_sum=torch.empty(B, N, **f32),
-        value_prefix=torch.empty(B, N, **f32),
-        parent=torch.empty(B, N, **i32),
-        action=torch.empty(B, N, **i32),
-        depth=torch.empty(B, N, **i32),
-        is_reset=torch.empty(B, N, **i32),
-        children=torch.empty(B, N, A, **i32),
-        prior=torch.empty(B, N, A, **f32),
-        min_max=torch.empty(B, 2, **f32),
-        tiebreak=torch.empty(B, N, A, **f32),
+    i32, f32 = dict(dtype=torch.int32, device=device), dict(dtype=torch.float32, device=device)
+    tree = Tree(  # shapes and meanings: the Tree fields above
+        visit_count=torch.empty(B, N, **i32), value_sum=torch.empty(B, N, **f32),
+        value_prefix=torch.empty(B, N, **f32), parent=torch.empty(B, N, **i32), action=torch.empty(B, N, **i32),
+        depth=torch.empty(B, N, **i32), is_reset=torch.empty(B, N, **i32), children=torch.empty(B, N, A, **i32),
+        prior=torch.empty(B, N, A, **f32), min_max=torch.empty(B, 2, **f32), tiebreak=torch.empty(B, N, A, **f32),
         latent=torch.empty(B, N, *latent_shape, dtype=latent_dtype, device=device),
-        lstm_h=torch.empty(B, N, lstm_hidden, **f32),
-        lstm_c=torch.empty(B, N, lstm_hidden, **f32),
+        lstm_h=torch.empty(B, N, lstm_hidden, **f32), lstm_c=torch.empty(B, N, lstm_hidden, **f32),
     )
     reset_tree(tree)
     return tree
@@ -137,10 +129,10 @@ def sample_dirichlet(alpha: float, B: int, A: int, generator, device) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # The PyTorch reference of the two tree operations (same arguments as mcts_kernel.py)
 # ---------------------------------------------------------------------------------------------
-def _stop_early(device: torch.device, go_on: torch.Tensor) -> bool:
-    """Loops over depth run a fixed number of levels on CUDA (no host sync, CUDA-graph friendly).
-    On the CPU there is no device to sync with, so they stop once no tree goes on (`go_on` [B])."""
-    return device.type == "cpu" and not bool(go_on.any())
+def _host_reads(device: torch.device) -> bool:
+    """May the search read a value on the host? On the CPU (nothing to wait for) the depth loops stop once
+    every tree is done; on CUDA they run a fixed number of levels, no host sync (trees done stay put)."""
+    return device.type == "cpu"
 
 
 def select(tree: Tree, pb_c_base: float, pb_c_init: float, gamma: float, value_delta_max: float):
@@ -205,7 +197,7 @@ def select(tree: Tree, pb_c_base: float, pb_c_init: float, gamma: float, value_d
         # A tree that reached its unexpanded edge stays put: the next level recomputes the same choice.
         node = torch.where(descend, next_node, node)
         mean_q = torch.where(descend, node_mean_q, mean_q)
-        if _stop_early(device, descend):
+        if _host_reads(device) and not bool(descend.any()):  # sync point (CPU only): every tree is done
             break
     depth = tree.depth.view(-1).take(first + node).long() + 1  # [B]
     return node, action, depth
@@ -235,35 +227,37 @@ def expand_backup(tree: Tree, node: int, parent_node, action, value_prefix, valu
     tree.depth[:, node] = depth
     tree.is_reset[:, node] = depth % lstm_horizon_len == 0  # LSTM reset at depth 5, 10, ...
     tree.value_prefix[:, node] = value_prefix
-    exp = torch.exp(policy_logits - policy_logits.amax(-1, keepdim=True))  # [B, A] softmax
-    tree.prior[:, node] = exp / exp.sum(-1, keepdim=True)
+    tree.prior[:, node] = torch.softmax(policy_logits, -1)
     tree.children.view(-1).index_fill_(0, (first + parent_node) * A + action, node)
 
-    # backpropagate (EZ_SPEC §3 Backup) along the path from the new node up to the root:
-    # G = value; at each node W += G, N += 1, then (below the root) the min-max stats take
-    # Q = r + gamma * (W / N), and G = r + gamma * G.
-    path = [torch.full((B,), node, device=device), parent_node]  # [B] int64 per level, leaf first
-    for _ in range(N):  # a path has at most N nodes
-        up = tree.parent.view(-1).take(first + path[-1].clamp(min=0)).long()  # [B] UNVISITED above the root
-        path.append(up)
-        if _stop_early(device, up >= 0):
-            break
-    path = torch.stack(path, 1)  # [B, L] the last column is UNVISITED in every tree
-    on_path = path >= 0  # [B, L]
-    flat = first[:, None] + path.clamp(min=0)  # [B, L] (the root where off the path)
-    vp = tree.value_prefix.view(-1).take(flat)  # [B, L]
-    vp_for_children = torch.where(tree.is_reset.view(-1).take(flat) == 1, 0.0, vp)  # [B, L]
-    reward = vp[:, :-1] - vp_for_children[:, 1:]  # [B, L-1] r of the edge into path[:, k]
+    # The path from the new node up to the root, as flat indices b * N + node: follow the parents
+    # (the root points at itself). A path has depth + 1 nodes; L = the longest in the batch, known
+    # on the CPU, N on CUDA (no host sync), the root repeated below the end of a shorter path.
+    up = (first[:, None] + tree.parent.clamp(min=0)).view(-1)  # [B * N] flat index of each node's parent
+    L = int(depth.max()) if _host_reads(device) else N  # sync point (CPU only)
+    path = [first + node]
+    for _ in range(L):
+        path.append(up.take(path[-1]))
+    path = torch.stack(path, 1)  # [B, L + 1] leaf first
+    on_path = torch.arange(L + 1, device=device) <= depth[:, None]  # [B, L + 1]
+
+    # backpropagate (EZ_SPEC §3 Backup): G = value; at each node W += G, N += 1, then (below the
+    # root) the min-max stats take Q = r + gamma * (W / N), and G = r + gamma * G, where r is the
+    # value-prefix reward of the edge into the node: vp(node) - vp(parent), or vp(node) when the
+    # parent was reset.
+    vp = tree.value_prefix.view(-1).take(path)  # [B, L + 1]
+    vp_for_children = torch.where(tree.is_reset.view(-1).take(path) == 1, 0.0, vp)
+    reward = vp[:, :-1] - vp_for_children[:, 1:]  # [B, L] r of the edge into path[:, k]
     g = [value]  # G at path[:, k]
-    for k in range(path.shape[1] - 1):
-        g.append(reward[:, k] + gamma * g[k])
-    g = torch.where(on_path, torch.stack(g, 1), 0.0)  # [B, L] 0 off the path
-    tree.value_sum.view(-1).index_add_(0, flat.view(-1), g.view(-1))
-    tree.visit_count.view(-1).index_add_(0, flat.view(-1), on_path.view(-1).int())
+    for r in reward.unbind(1):
+        g.append(r + gamma * g[-1])
+    g = torch.where(on_path, torch.stack(g, 1), 0.0)  # [B, L + 1] 0 off the path
+    tree.value_sum.view(-1).index_add_(0, path.view(-1), g.view(-1))
+    tree.visit_count.view(-1).index_add_(0, path.view(-1), on_path.view(-1).int())
     # min-max stats: Q of every node below the root on the path, after its update
-    below_root = on_path[:, 1:]  # [B, L-1] path[:, k] has a parent
-    w, n = tree.value_sum.view(-1).take(flat[:, :-1]), tree.visit_count.view(-1).take(flat[:, :-1])
-    q = reward + gamma * (w / n)  # [B, L-1]
+    below_root = on_path[:, 1:]  # [B, L] path[:, k] has a parent on the path
+    w, n = tree.value_sum.view(-1).take(path[:, :-1]), tree.visit_count.view(-1).take(path[:, :-1])
+    q = reward + gamma * (w / n)  # [B, L]
     tree.min_max[:, 0] = torch.minimum(tree.min_max[:, 0], torch.where(below_root, q, MIN_INIT).amin(1))
     tree.min_max[:, 1] = torch.maximum(tree.min_max[:, 1], torch.where(below_root, q, MAX_INIT).amax(1))
 
@@ -281,13 +275,12 @@ def _tree_ops(backend: str, device: torch.device):
         return select, expand_backup
     if backend == "triton":
         import mcts_kernel  # lazily: the torch path works without Triton
-
         return mcts_kernel.select, mcts_kernel.expand_backup
     raise ValueError(f"unknown backend {backend!r}")
 
 
 # ---------------------------------------------------------------------------------------------
-# The search
+# The search (EZ_SPEC §3): root, then num_simulations x (select, recurrent_inference, expand_backup)
 # ---------------------------------------------------------------------------------------------
 class SearchResult(NamedTuple):
     visit_counts: torch.Tensor  # [B, A] int32, root children visits, sum to num_simulations
@@ -296,34 +289,46 @@ class SearchResult(NamedTuple):
 
 
 def search_kwargs(cfg) -> dict:
-    """The search constants of a train.Config as keyword arguments of search (EZ_SPEC §3)."""
+    """The search constants of a config.Config as keyword arguments of search (EZ_SPEC §3)."""
     return dict(gamma=cfg.discount, pb_c_base=cfg.pb_c_base, pb_c_init=cfg.pb_c_init,
                 root_dirichlet_alpha=cfg.root_dirichlet_alpha, root_exploration_fraction=cfg.root_exploration_fraction,
-                lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend)
+                lstm_horizon_len=cfg.lstm_horizon_len, value_delta_max=cfg.value_delta_max, backend=cfg.search_backend,
+                cuda_graphs=getattr(cfg, "cuda_graphs", True))  # (configs made before the field: on)
 
 
 def search(model, root, num_simulations: int, *, add_noise: bool, generator: torch.Generator,
            gamma: float = 0.997**4, pb_c_base: float = 19652, pb_c_init: float = 1.25,
            root_dirichlet_alpha: float = 0.3, root_exploration_fraction: float = 0.25,
            lstm_horizon_len: int = 5, value_delta_max: float = 0.01, backend: str = "auto",
-           tree: Tree | None = None) -> SearchResult:
+           tree: Tree | None = None, cuda_graphs: bool = True) -> SearchResult:
     """Run num_simulations simulations from B roots (root = model.initial_inference(obs)).
 
     EZ_SPEC §3. No host sync inside the simulation loop on CUDA. The search runs under
     torch.inference_mode (no_grad, and cheaper small ops); the tree it returns holds inference
     tensors (read them, or pass the tree back with tree=), visit_counts and root_values are
-    ordinary tensors.
+    ordinary tensors. On CUDA with cuda_graphs=True the simulation loop is replayed from a CUDA
+    graph ("CUDA graphs" below); the tree is then the one cached with the graph (tree= is ignored)
+    and is overwritten by the next search of the same model and size.
     """
     B, A = root.policy_logits.shape
     N = num_simulations + 1
     device = root.policy_logits.device
+    backend = resolve_backend(backend, device)
     select_fn, expand_backup_fn = _tree_ops(backend, device)
+    latent_shape, H = tuple(root.latent.shape[1:]), root.lstm_state[0].shape[-1]
+    graphed = None
+    if cuda_graphs and _graphs_available(device):  # one cached Tree and graph per (model, search size)
+        key = (B, N, A, latent_shape, root.latent.dtype, H, backend, gamma, pb_c_base, pb_c_init, value_delta_max,
+               lstm_horizon_len)
+        graphed = _GRAPHS.setdefault(model, {}).setdefault(key, _Graphed())  # (model: weak-referenceable)
+        tree = graphed.tree
     with torch.inference_mode():
-        latent_shape, H = tuple(root.latent.shape[1:]), root.lstm_state[0].shape[-1]
         if tree is None or tree.children.shape != (B, N, A) or tuple(tree.latent.shape[2:]) != latent_shape:
             tree = make_tree(B, N, A, latent_shape, H, device, root.latent.dtype)
         else:
             reset_tree(tree)
+        if graphed is not None:
+            graphed.tree = tree
 
         # Root (EZ_SPEC §3 Root expansion): visit 1, value_sum = network value, prior from the policy
         prior = torch.softmax(root.policy_logits.float(), dim=-1)  # [B, A]
@@ -338,23 +343,29 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
         tree.lstm_c[:, ROOT] = root.lstm_state[1]
         tree.tiebreak.uniform_(0.0, 1.0, generator=generator)  # [B, N, A] tie-break keys
 
-        first = torch.arange(B, device=device) * N  # [B] flat index of each tree's root
-        latent_of, h_of, c_of = (t.flatten(0, 1) for t in (tree.latent, tree.lstm_h, tree.lstm_c))  # [B*N, ...]
-        for i in range(1, N):  # simulation i expands node i
-            parent, action, depth = select_fn(tree, pb_c_base, pb_c_init, gamma, value_delta_max)
-            rows = first + parent  # [B]
-            out = model.recurrent_inference(
-                latent_of.index_select(0, rows), (h_of.index_select(0, rows), c_of.index_select(0, rows)), action,
-                depth,  # [B] the new node's depth: BatchNorm statistics of that unroll depth (model.py)
-            )
-            # LSTM reset (EZ_SPEC §3): the new node at depth % lstm_horizon_len == 0 stores a zero state
-            keep = (depth % lstm_horizon_len != 0).float()[:, None]  # [B, 1]
-            tree.latent[:, i] = out.latent
-            tree.lstm_h[:, i] = out.lstm_state[0] * keep
-            tree.lstm_c[:, i] = out.lstm_state[1] * keep
-            expand_backup_fn(tree, i, parent, action, out.value_prefix.float().contiguous(),
-                             out.value.float().contiguous(), out.policy_logits.float().contiguous(),
-                             gamma, lstm_horizon_len)
+        def simulate():  # reads and writes only `tree` and the model's weights: a CUDA graph can replay it
+            first = torch.arange(B, device=device) * N  # [B] flat index of each tree's root
+            latent_of, h_of, c_of = (t.flatten(0, 1) for t in (tree.latent, tree.lstm_h, tree.lstm_c))  # [B*N, ...]
+            for i in range(1, N):  # simulation i expands node i
+                parent, action, depth = select_fn(tree, pb_c_base, pb_c_init, gamma, value_delta_max)
+                rows = first + parent  # [B]
+                out = model.recurrent_inference(
+                    latent_of.index_select(0, rows), (h_of.index_select(0, rows), c_of.index_select(0, rows)),
+                    action, depth,  # [B] the new node's depth: BatchNorm statistics of that unroll depth (model.py)
+                )
+                # LSTM reset (EZ_SPEC §3): the new node at depth % lstm_horizon_len == 0 stores a zero state
+                keep = (depth % lstm_horizon_len != 0).float()[:, None]  # [B, 1]
+                tree.latent[:, i] = out.latent
+                tree.lstm_h[:, i] = out.lstm_state[0] * keep
+                tree.lstm_c[:, i] = out.lstm_state[1] * keep
+                expand_backup_fn(tree, i, parent, action, out.value_prefix.float().contiguous(),
+                                 out.value.float().contiguous(), out.policy_logits.float().contiguous(),
+                                 gamma, lstm_horizon_len)
+
+        if graphed is None:
+            simulate()
+        else:
+            graphed.run(simulate, model)
 
         root_children = tree.children[:, ROOT].long()  # [B, A]
         visits = tree.visit_count.gather(1, root_children.clamp(min=0))
@@ -364,13 +375,62 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
     return SearchResult(visit_counts.clone(), root_values.clone(), tree)
 
 
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs of the simulation loop (on by default on CUDA; search(cuda_graphs=False) turns them off)
+# ---------------------------------------------------------------------------------------------
+# A search launches thousands of small kernels, whose CPU cost exceeds the GPU's work at small B. The
+# loop has a fixed shape and no host sync, touches only the Tree and the model's weights, and draws no
+# random numbers (root noise and tie-break keys come first), so it is recorded once per (model, search
+# size) and replayed. Kernel arguments (addresses, floats) are frozen at capture: one cached Tree per
+# graph, each root written into it in place, new weights copied into the same parameters (load_state_dict
+# copies in place: train.py's refreshes of the acting and target networks). New tensors are recaptured.
+_GRAPHS = weakref.WeakKeyDictionary()  # model -> {search shape: _Graphed}; dropped with the model
+
+
+def _graphs_available(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _weight_addresses(model) -> tuple:
+    """Addresses of an nn.Module's parameters and buffers (other models: none to check)."""
+    tensors = list(model.parameters()) + list(model.buffers()) if isinstance(model, torch.nn.Module) else []
+    return tuple(t.data_ptr() for t in tensors)
+
+
+class _Graphed:
+    """The cached Tree of one (model, search size) and the CUDA graph of its simulation loop."""
+
+    def __init__(self):
+        self.tree, self.graph, self.addresses, self.stream = None, None, None, None
+
+    def run(self, simulate, model):
+        addresses = _weight_addresses(model)
+        if addresses != self.addresses:  # first search, or new weight tensors: eager, on the capture stream
+            self.graph, self.addresses = None, addresses  # (compiles the kernels, warms cuBLAS up)
+            self.stream = self.stream or torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                simulate()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return
+        if self.graph is None:  # second search: record the loop (that runs nothing), then replay it
+            self.graph = _capture(simulate, self.stream)
+        self.graph.replay()
+
+
+def _capture(fn, stream):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph
+
+
 @torch.no_grad()
 def run_search(model, obs, cfg, num_simulations, add_noise, generator, tree):
     """One batched search over all envs' observations obs [E, *O] (the model must be in eval mode)."""
     root = model.initial_inference(torch.as_tensor(obs, device=generator.device))
     return search(model, root, num_simulations, add_noise=add_noise, generator=generator, tree=tree,
                   **search_kwargs(cfg))
-
 
 
 def select_action(visit_counts: torch.Tensor, temperature: float, generator: torch.Generator,

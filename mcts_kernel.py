@@ -26,6 +26,10 @@ launch without FMA contraction, as PyTorch computes, so the two backends round a
 too and a tie (scores within 1e-6 of the best) is decided the same way. (tl.exp in the softmax
 is the fast hardware exp on the GPU: priors can differ from the reference in the last bits.)
 
+Check and timing: `python bench.py kernels` fills trees through both backends, checks that they
+stay identical step by step, and times them (on a CPU: `TRITON_INTERPRET=1 python bench.py kernels`,
+correct but slow). This file imports nothing of the project, so mcts.py can import it.
+
 Shape letters: B trees (roots), N = num_simulations + 1 node slots, A actions.
 """
 import torch
@@ -216,8 +220,8 @@ def expand_backup_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers: same arguments and results as mcts.select / mcts.expand_backup. They only check
-# and launch: no host sync, so a search loop of them can run ahead of the GPU (or be captured
-# in a CUDA graph).
+# and launch: no host sync, so a search loop of them can run ahead of the GPU and be captured
+# in a CUDA graph (mcts.search does, by default). Kernel arguments are frozen at capture.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -333,102 +337,3 @@ def aot_compile(capability, num_actions=18):
         options = {"num_warps": 1, "enable_fp_fusion": False}  # as the launchers
         compiled[kernel.__name__] = triton.compile(src, target=target, options=options)
     return compiled
-
-
-# ---------------------------------------------------------------------------------------------
-# Optional CUDA graph of a search's simulation loop (opt-in, CUDA only; DESIGN.md "Devices").
-# ---------------------------------------------------------------------------------------------
-
-
-def capture_cuda_graph(simulate):
-    """Record `simulate()` into a CUDA graph and return it; `graph.replay()` then reruns it.
-
-    `simulate` is a search's whole simulation loop (for i in 1..num_simulations: select,
-    recurrent_inference, write latent/LSTM of node i, expand_backup). It can be captured because
-    it has a fixed shape and no host sync (these launchers have none), reads and writes only
-    tensors that outlive it (the Tree, the model's parameters; its own temporaries come from the
-    graph's memory pool) and draws no random numbers (root noise and tie-break keys are drawn
-    before it). Kernel arguments are frozen at capture, so a graph belongs to one (model, Tree)
-    pair: replay it only on that Tree, after writing the root of the next search in place.
-
-    Capturing runs nothing, so the tree is left as it is; but `simulate()` must have run eagerly
-    once before (the first search with this model and Tree): that compiles the Triton kernels
-    and warms cuBLAS/cuDNN up, none of which may happen during a capture.
-    """
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        simulate()
-    return graph
-
-
-# ---------------------------------------------------------------------------------------------
-# Self-check and timing: `python mcts_kernel.py` (CUDA), or `TRITON_INTERPRET=1 python
-# mcts_kernel.py` on a CPU (the interpreter: correct but slow, its timings mean nothing).
-# Fills B trees with S simulations of random leaf outputs through both backends, checks that the
-# trees are identical after every step, then times a whole fill with each backend.
-# ---------------------------------------------------------------------------------------------
-
-if __name__ == "__main__":
-    import os
-    import time
-
-    import mcts
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("no GPU: run with TRITON_INTERPRET=1 to use the Triton interpreter")
-    gamma, horizon = 0.997**4, 5
-    ops = {"torch": (mcts.select, mcts.expand_backup), "triton": (select, expand_backup)}
-
-    def leaf_outputs(B, A, S, seed):
-        g = torch.Generator(device).manual_seed(seed)
-        return [(torch.randn(B, generator=g, device=device), torch.randn(B, generator=g, device=device),
-                 torch.randn(B, A, generator=g, device=device)) for _ in range(S)]
-
-    def root_tree(B, S, A, seed):
-        g = torch.Generator(device).manual_seed(seed)
-        tree = mcts.make_tree(B, S + 1, A, (1,), 1, device)
-        tree.visit_count[:, ROOT] = 1
-        tree.value_sum[:, ROOT] = torch.randn(B, generator=g, device=device)
-        tree.prior[:, ROOT] = torch.softmax(torch.randn(B, A, generator=g, device=device), -1)
-        tree.tiebreak.uniform_(0.0, 1.0, generator=g)
-        return tree
-
-    def fill(backend, tree, leaves):
-        select_fn, expand_backup_fn = ops[backend]
-        for i, (value_prefix, value, policy_logits) in enumerate(leaves, start=1):
-            parent, action, _ = select_fn(tree, 19652, 1.25, gamma, 0.01)
-            expand_backup_fn(tree, i, parent, action, value_prefix, value, policy_logits, gamma, horizon)
-
-    # Reference check, step by step, on awkward sizes (B odd, A not a power of 2).
-    B, A, S = (257, 18, 50) if device == "cuda" else (9, 7, 20)
-    ref, ker = root_tree(B, S, A, seed=0), root_tree(B, S, A, seed=0)
-    same_steps = 0
-    for i, (value_prefix, value, policy_logits) in enumerate(leaf_outputs(B, A, S, seed=1), start=1):
-        r = mcts.select(ref, 19652, 1.25, gamma, 0.01)
-        k = select(ker, 19652, 1.25, gamma, 0.01)
-        same_steps += all(torch.equal(x, y) for x, y in zip(r, k))
-        mcts.expand_backup(ref, i, r[0], r[1], value_prefix, value, policy_logits, gamma, horizon)
-        expand_backup(ker, i, r[0], r[1], value_prefix, value, policy_logits, gamma, horizon)
-    worst = {name: (getattr(ref, name).float() - getattr(ker, name).float()).abs().max().item()
-             for name in ("visit_count", "value_sum", "children", "prior", "min_max", "depth")}
-    print(f"B={B} A={A} S={S} on {device}: select identical at {same_steps}/{S} steps; "
-          f"max |ref - kernel| per field: {worst}")
-
-    # Timing: one whole search's tree work (S x (select + expand_backup)), no network.
-    sizes = [(256, 18, 50), (1536, 18, 50)] if device == "cuda" else [(8, 18, 10)]
-    for B, A, S in sizes:
-        leaves = leaf_outputs(B, A, S, seed=2)
-        for backend in ("torch", "triton"):
-            trees = [root_tree(B, S, A, seed=3) for _ in range(4)]
-            fill(backend, trees[0], leaves)  # warm-up (compiles)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for tree in trees[1:]:
-                fill(backend, tree, leaves)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / 3 * 1e3
-            print(f"B={B:5d} A={A} S={S}: {backend:6s} {ms:9.2f} ms per search, "
-                  f"{ms / S * 1e3:9.1f} us per simulation")

@@ -21,3 +21,27 @@ def test_bench_train_reports_the_loop_and_a_projection():
     # 250 rounds of 8 updates + 1 self-play step: no less than the updates' median share
     assert rec["projected_hours"] * 3600 >= 0.5 * 2000 * rec["update_ms_median"] / 1e3
     assert "round 2/2" in proc.stderr                                            # 1 warm-up round + 1 timed
+
+
+def test_bench_device_tiny_runs_every_stage_and_writes_its_report(tmp_path):
+    """`bench.py device` is the one command of a GPU session: run here with --tiny (small sizes, CartPole)
+    so that it cannot rot between sessions. Every stage must pass and land in the JSON and the table."""
+    out = tmp_path / "device.json"
+    proc = subprocess.run([sys.executable, "bench.py", "device", "--tiny", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["cuda tests", "search", "tree share", "train, AMP on", "train, AMP off", "train.py run",
+                            "eval.py"]
+    assert all(s["status"] == "ok" for s in stages.values()), {k: (s["status"], s.get("output_tail", [])[-5:])
+                                                               for k, s in stages.items()}
+    search = stages["search"]["results"]
+    assert {(r["setting"], r["B"], r["N"], r["A"]) for r in search} == {("atari-net", 2, 4, 9)}
+    assert all(r["ms_median"] > 0 and r["sims_per_s"] > 0 for r in search)
+    assert 0 < stages["tree share"]["results"][0]["tree_ops_share"] < 1
+    assert [r["bench"] for s in ("train, AMP on", "train, AMP off") for r in stages[s]["results"]] == ["train"] * 2
+    assert any(line.startswith("env ") for line in stages["train.py run"]["output_tail"])  # progress lines
+    assert any(line.startswith("mean ") for line in stages["eval.py"]["output_tail"])      # eval of the checkpoint
+    table = out.with_suffix(".md").read_text()
+    assert "| search | ok |" in table and "| atari-net | torch |" in table and "| CartPole-v1 |" in table

@@ -1,6 +1,7 @@
 """Tests of mcts.py: a hand-computed tree, the batched reference against the per-node oracle
 (tests/mcts_oracle.py), and the invariants of DESIGN.md (visits sum to N, batch independence,
 same seed same result, noise only when asked), the Dirichlet sampler and select_action."""
+import contextlib
 import math
 import os
 
@@ -254,7 +255,7 @@ def test_fixed_trip_count_path_gives_the_same_tree(monkeypatch):
     model = LinearModel(A, seed=4)
     root = model.initial_inference(B, seed=5)
     early = run(model, root, n)
-    monkeypatch.setattr(mcts, "_stop_early", lambda device, go_on: False)
+    monkeypatch.setattr(mcts, "_host_reads", lambda device: False)
     fixed = run(model, root, n)
     for name in ("visit_count", "parent", "action", "children", "min_max"):
         assert torch.equal(getattr(early.tree, name), getattr(fixed.tree, name)), name
@@ -354,3 +355,63 @@ def test_backend_switch():
     assert mcts._tree_ops("torch", torch.device("cuda")) == (mcts.select, mcts.expand_backup)
     with pytest.raises(ValueError):
         mcts._tree_ops("numpy", cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA-graph bookkeeping of mcts.search, on a CPU (the real capture is tested on CUDA in
+# test_mcts_kernel.py): a stand-in graph that records the simulation loop and reruns it on replay
+# ---------------------------------------------------------------------------------------------
+class RecordedGraph:
+    captures = 0
+
+    def __init__(self, simulate, stream):
+        self.simulate = simulate
+        RecordedGraph.captures += 1
+
+    def replay(self):
+        self.simulate()
+
+
+def test_graph_cache_replays_the_loop_on_new_roots_and_weights(monkeypatch):
+    """First search eager, second captured, then replayed: every one equals an eager search, on new roots,
+    after weights copied in place (no recapture) and after new weight tensors (recaptured). A loop that
+    kept anything of the search that recorded it (a root, a generator draw) would fail this."""
+    from model import make_model
+    monkeypatch.setattr(mcts, "_graphs_available", lambda device: True)
+    monkeypatch.setattr(mcts, "_capture", RecordedGraph)
+
+    class Stream:  # CUDA streams, as no-ops
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    RecordedGraph.captures = 0
+    torch.manual_seed(0)
+    net, fresh = (make_model((6,), 4, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10).eval()
+                  for _ in range(2))
+    for p in list(net.parameters()) + list(fresh.parameters()):
+        torch.nn.init.normal_(p, std=0.5)
+
+    def same(seed, B=5):
+        with torch.no_grad():
+            root = net.initial_inference(torch.randn(B, 6, generator=torch.Generator().manual_seed(seed)))
+        runs = [mcts.search(net, root, 12, add_noise=True, generator=torch.Generator().manual_seed(seed),
+                            backend="torch", cuda_graphs=graphs) for graphs in (False, True)]
+        assert torch.equal(runs[0].visit_counts, runs[1].visit_counts), seed
+        for name in ("children", "visit_count", "tiebreak", "prior"):
+            assert torch.equal(getattr(runs[0].tree, name), getattr(runs[1].tree, name)), (seed, name)
+        torch.testing.assert_close(runs[0].root_values, runs[1].root_values)
+        return runs[1].tree
+
+    trees = [same(seed) for seed in range(4)]  # eager, capture + replay, replay, replay
+    assert RecordedGraph.captures == 1 and all(t is trees[0] for t in trees)  # one cached tree per shape
+    net.load_state_dict(fresh.state_dict())  # in place: the graph stays valid
+    same(4)
+    assert RecordedGraph.captures == 1
+    net.load_state_dict({k: v.clone() for k, v in fresh.state_dict().items()}, assign=True)  # new tensors
+    same(5), same(6)  # eager again, then recaptured
+    assert RecordedGraph.captures == 2
+    same(7, B=3)  # another search size: its own tree and graph
+    assert len(mcts._GRAPHS[net]) == 2
