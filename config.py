@@ -1,5 +1,6 @@
-"""The configuration of a run: `Config` (the paper's values), presets, the command line, validation,
-and the checkpoint file (one dict with the config inside, written atomically).
+"""The configuration of a run: `Config` (the paper's values), presets, the command line, validation (one
+UsageError line per bad input), the rules of --resume, and the checkpoint file (one versioned dict with the
+config inside, written atomically).
 
 Paper: Ye et al. 2021, "Mastering Atari Games with Limited Data" (arXiv:2111.00210). Every value in
 `Config` cites EZ_SPEC.md (the official code's values, read from its HEAD 468bb03, with sources).
@@ -13,7 +14,6 @@ import difflib
 import importlib.util
 import inspect
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -231,9 +231,23 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+EPILOG = """\
+stop and resume:
+  Ctrl-C or SIGTERM finishes the current step, writes ckpt.pt and prints the command that resumes the run;
+  a second Ctrl-C aborts at once (the last ckpt.pt stays intact: it is written to a temporary file first).
+  ckpt.pt holds the replay buffer by default, so the resumed run goes on at the same pace with all its data:
+  on Atari 100k up to 2.6 GiB on disk and about 20 s per checkpoint written, 8 s to load (2-core CPU VM,
+  README "Stop and resume"); --no-save-buffer leaves it out and a resumed run then starts with an empty buffer.
+  --resume takes the configuration stored in the checkpoint; of the flags above it accepts only
+  """ + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE) + """.
+files: runs/{game}__{exp_name}__{seed}__{unix time}/ config.json (what ran), metrics.csv, eval.csv,
+  ckpt.pt (last), best.pt (best evaluation, for eval.py), TensorBoard events (tensorboard --logdir runs)
+"""
+
+
 def parse_args(argv=None, description=None):
     """-> (explicit overrides {field: value}, preset name or None, resume path or None)."""
-    p = Parser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
+    p = Parser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a small named configuration (config.py PRESETS)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this ckpt.pt (or run directory) with its "
@@ -256,22 +270,20 @@ POSITIVE = ["num_envs", "max_episode_steps", "total_transitions", "start_transit
             "selfplay_refresh_interval", "lr_decay_steps", "channels", "blocks", "reduced_channels", "fc_hidden",
             "lstm_hidden", "support_size", "proj_hid", "proj_out", "pred_hid", "pred_out", "hidden", "latent_dim"]
 # float fields: (low, high, low included, high included)
-RANGES = dict(discount=(0, 1, False, True), lr_init=(0, None, False, None), lr_warm_up=(0, 1, True, True),
-              lr_decay_rate=(0, 1, False, True), momentum=(0, 1, True, False), weight_decay=(0, None, True, None),
-              max_grad_norm=(0, None, False, None), value_loss_coeff=(0, None, True, None),
-              policy_loss_coeff=(0, None, True, None), value_prefix_loss_coeff=(0, None, True, None),
-              consistency_coeff=(0, None, True, None), priority_alpha=(0, None, True, None),
-              priority_beta=(0, 1, True, True), priority_eps=(0, None, False, None), reanalyze_ratio=(0, 1, True, True),
-              pb_c_base=(0, None, False, None), pb_c_init=(0, None, True, None),
-              root_dirichlet_alpha=(0, None, False, None), root_exploration_fraction=(0, 1, True, True),
-              value_delta_max=(0, None, False, None))
+# float fields: the interval of sensible values, in math notation
+RANGES = dict(discount="(0, 1]", lr_init="(0, inf)", lr_warm_up="[0, 1]", lr_decay_rate="(0, 1]", momentum="[0, 1)",
+              weight_decay="[0, inf)", max_grad_norm="(0, inf)", value_loss_coeff="[0, inf)",
+              policy_loss_coeff="[0, inf)", value_prefix_loss_coeff="[0, inf)", consistency_coeff="[0, inf)",
+              priority_alpha="[0, inf)", priority_beta="[0, 1]", priority_eps="(0, inf)", reanalyze_ratio="[0, 1]",
+              pb_c_base="(0, inf)", pb_c_init="[0, inf)", root_dirichlet_alpha="(0, inf)",
+              root_exploration_fraction="[0, 1]", value_delta_max="(0, inf)")
 
 
-def check_range(name, value, low, high, low_in, high_in):
-    ok = (value >= low if low_in else value > low) and (high is None or (value <= high if high_in else value < high))
-    if not ok or value != value:  # value != value: NaN
-        want = f"{'>=' if low_in else '>'} {low}" + (f" and {'<=' if high_in else '<'} {high}" if high is not None else "")
-        raise UsageError(f"{flag(name)} is {value}; it must be {want}")
+def in_interval(value, interval):
+    """in_interval(0.5, "(0, 1]") -> True; NaN is in no interval."""
+    low, high = (float(x) for x in interval[1:-1].split(", "))
+    return ((value >= low) if interval[0] == "[" else (value > low)) and \
+        ((value <= high) if interval[-1] == "]" else (value < high))
 
 
 def check_device(name):
@@ -303,24 +315,6 @@ def check_backend(backend, device):
             raise UsageError("--search-backend triton: triton is not installed; pip install triton, or use torch")
 
 
-def check_writable_dir(path, what):
-    """UsageError unless a directory can be made (or exists) at path and a file can be created in it. Writes
-    nothing that stays: the test file is anonymous (O_TMPFILE-like TemporaryFile) in an existing ancestor."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a file, not a directory; pass a directory")
-    ancestor = path
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UsageError(f"{what} {path}: {ancestor} is a file, not a directory; pass another directory")
-    try:
-        tempfile.TemporaryFile(dir=ancestor).close()
-    except OSError as e:
-        raise UsageError(f"{what} {path} is not writable ({e.strerror} in {ancestor}); pass a writable "
-                         f"directory") from None
-
-
 def check_config(cfg):
     """Raise UsageError for impossible values; return cfg with the canonical game name."""
     try:
@@ -335,8 +329,9 @@ def check_config(cfg):
             raise UsageError(f"{flag(name)} is {getattr(cfg, name)}; it must be 0 or more")
     if cfg.seed + cfg.num_envs + cfg.eval_episodes + cfg.total_transitions >= 2 ** 31:
         raise UsageError(f"--seed {cfg.seed} is too large: env seeds must stay below 2^31")
-    for name, bounds in RANGES.items():
-        check_range(name, getattr(cfg, name), *bounds)
+    for name, interval in RANGES.items():
+        if not in_interval(getattr(cfg, name), interval):
+            raise UsageError(f"{flag(name)} is {getattr(cfg, name)}; it must be in {interval}")
     if not cfg.exp_name or os.sep in cfg.exp_name:
         raise UsageError(f"--exp-name {cfg.exp_name!r} names a directory: use a non-empty name without {os.sep}")
     if cfg.start_transitions > cfg.total_transitions - cfg.total_transitions % cfg.num_envs:

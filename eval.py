@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from atari import ALE_GAMES, ATARI_100K, make_env
-from config import Config, Parser, UsageError, check_backend, check_device, check_writable_dir, load_checkpoint
+from config import Config, Parser, UsageError, check_backend, check_device, load_checkpoint
 from mcts import run_search, select_action
 from model import make_model
-from runlog import EVAL_FIELDS, Ticker, append_csv, eval_row, hms
+from runlog import EVAL_FIELDS, Ticker, append_csv, check_writable_dir, eval_row, hms
 
 
 def evaluate(model, cfg, episodes, seed, max_episode_steps, num_simulations, frame_fn=None, progress=None,

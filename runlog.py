@@ -1,5 +1,6 @@
-"""What a run writes and prints: config.json (what ran), metrics.csv and eval.csv (with headers), TensorBoard
-scalars, progress lines from the first seconds, the closing summary.
+"""What a run writes and prints, and how it stops: config.json (what ran), metrics.csv and eval.csv (with
+headers), TensorBoard scalars, progress lines from the first seconds with the time left, the CPU estimate,
+Ctrl-C / SIGTERM handling, the closing summary.
 
     runs/{game}__{exp_name}__{seed}__{unix time}/
         config.json     {"config": the Config the run started with, "run": device, search backend, commit,
@@ -22,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -30,6 +32,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from atari import ATARI_100K, human_normalized_score
+from config import UsageError
 
 LOSSES = ("value", "policy", "value_prefix", "consistency")
 METRICS = ("env_steps", "updates", "time", "env_steps_per_s", "updates_per_s", *(f"loss_{n}" for n in LOSSES),
@@ -70,6 +73,24 @@ class Ticker:
     def printed(self):
         """Another line was just printed: the next progress line can wait."""
         self.last = time.time()
+
+
+def check_writable_dir(path, what):
+    """UsageError unless a directory can be made (or exists) at path and a file can be created in it. Writes
+    nothing that stays: the test file is anonymous (O_TMPFILE-like TemporaryFile) in an existing ancestor."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a file, not a directory; pass a directory")
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"{what} {path}: {ancestor} is a file, not a directory; pass another directory")
+    try:
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not writable ({e.strerror} in {ancestor}); pass a writable "
+                         f"directory") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +212,7 @@ class RunLog:
             trim_csv(self.metrics_path, lambda r: int(r["updates"]) <= u and int(r["env_steps"]) <= e)
             trim_csv(self.eval_path, lambda r: r["source"] != "train.py" or int(r["updates"]) <= u)
         self.writer = SummaryWriter(run_dir, purge_step=resumed["updates"] + 1 if resumed else None)
+        self.tensorboard_step = resumed["updates"] if resumed else -1
         if not resumed:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                                  "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()))
@@ -199,9 +221,11 @@ class RunLog:
         """A metrics.csv row; its numbers as TensorBoard scalars charts/* and losses/* at step row["updates"];
         the progress line (nanoGPT style) with the time left."""
         append_csv(self.metrics_path, METRICS, row)
-        for k, v in row.items():
-            if k not in NOT_IN_TENSORBOARD and isinstance(v, (int, float)) and math.isfinite(v):
+        for k, v in row.items():  # one point per update count: rows of the random warm-up all have update 0
+            if k not in NOT_IN_TENSORBOARD and isinstance(v, (int, float)) and math.isfinite(v) \
+                    and row["updates"] > self.tensorboard_step:
                 self.writer.add_scalar(("losses/" if k.startswith("loss_") else "charts/") + k, v, row["updates"])
+        self.tensorboard_step = row["updates"]
         print(f"env {row['env_steps']:,} | upd {row['updates']:,} | {row['env_steps_per_s']:.1f} env/s "
               f"{row['updates_per_s']:.2f} upd/s | loss v {row['loss_value']:.3f} p {row['loss_policy']:.3f} "
               f"r {row['loss_value_prefix']:.3f} c {row['loss_consistency']:.3f} | return {row['episode_return']:.1f} | "

@@ -7,7 +7,7 @@ learner batch is reanalyzed in one batched search.
 
     python train.py --game MsPacman                      # the paper's configuration (Atari 100k)
     python train.py --preset cartpole                    # learns CartPole-v1 on a CPU in a few minutes
-    python train.py --resume runs/<run>/ckpt.pt          # continue a stopped run
+    python train.py --resume runs/<run>/ckpt.pt          # continue a stopped run (Ctrl-C or SIGTERM stop one)
     python train.py --help                               # every field of Config with its source
 
 Shape letters: E envs, B batch, K unroll steps, A actions, S = 2 * support_size + 1 support bins.
@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from atari import make_env
-from config import (CKPT_VERSION, PRESETS, Config, UsageError, check_config, check_writable_dir, load_checkpoint,
+from config import (CKPT_VERSION, PRESETS, Config, UsageError, check_config, load_checkpoint,
                     model_args, parse_args, resolve_device, resume_config, save_checkpoint)
 from eval import evaluate, evaluate_and_log
 from mcts import resolve_backend, run_search, select_action
 from model import make_model, scalar_to_support
 from reanalyze import reanalyze
 from replay import ReplayBuffer
-from runlog import (LOSSES, Interval, Pace, RunLog, Stop, Ticker, estimate, progress_line, run_record, stopped,
-                    summary, write_config_json)
+from runlog import (LOSSES, Interval, Pace, RunLog, Stop, Ticker, check_writable_dir, estimate, progress_line,
+                    run_record, stopped, summary, write_config_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,30 +279,35 @@ def learner_step(st, cfg):
 
 
 def measure_pace(cfg, device):
-    """Time a throwaway copy of the run on envs it never uses, leaving the global random state as it was:
-    -> (seconds per self-play step, seconds per update: at batch min(B, 16), scaled to B)."""
-    b = min(cfg.batch_size, 16)
+    """Time a throwaway copy of the run on envs it never uses, leaving the global random state as it was: a buffer
+    of random play, then 3 self-play steps and 2 updates at batch min(B, 8) (the first of each pays one-off
+    costs). -> (seconds per self-play step, seconds per update scaled to batch B)."""
+    b = min(cfg.batch_size, 8)
     window = cfg.num_envs * (cfg.num_unroll_steps + cfg.td_steps)
-    small = dataclasses.replace(cfg, batch_size=b, start_transitions=b + window,
-                                total_transitions=b + window + 2 * cfg.num_envs)
+    small = dataclasses.replace(cfg, batch_size=b, total_transitions=b + window + 4 * cfg.num_envs)
     state = random.getstate(), np.random.get_state()
     env = make_env(cfg.game, cfg.num_envs, 2 ** 30, train=True, max_episode_steps=cfg.max_episode_steps)
     with torch.random.fork_rng(devices=[]):
         st = build(small, env, device)
-        st.updates = 1                               # searched actions, as after the random warm-up
-        obs, tree, step_times, update_times = env.reset(), None, [], []
-        while len(st.buf) < small.start_transitions:
+        obs, tree, uniform = env.reset(), None, np.full((cfg.num_envs, env.num_actions), 1 / env.num_actions)
+        while len(st.buf) < b + window:
+            actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
+            next_obs, reward, done, info = env.step(actions)
+            st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs), uniform, info["final_obs"])
+            obs = next_obs
+        st.updates, step_s, update_s = 1, [], []     # searched actions, as after the random warm-up
+        for _ in range(3):
             t0 = time.perf_counter()
             obs, tree, _ = selfplay_step(st, env, obs, tree, small)
-            step_times.append(time.perf_counter() - t0)
-        for _ in range(3):                           # the first update pays one-off costs
+            step_s.append(time.perf_counter() - t0)
+        for _ in range(2):
             t0 = time.perf_counter()
             learner_step(st, small)
-            update_times.append(time.perf_counter() - t0)
+            update_s.append(time.perf_counter() - t0)
     env.close()
     random.setstate(state[0])
     np.random.set_state(state[1])
-    return float(np.median(step_times[1:])), min(update_times[1:]) * cfg.batch_size / b
+    return float(np.mean(step_s[1:])), update_s[1] * cfg.batch_size / b
 
 
 def train(cfg, ckpt=None, run_dir=None, changed=None):
@@ -382,19 +387,19 @@ def train(cfg, ckpt=None, run_dir=None, changed=None):
                 ticker.printed()
             elif ticker.due():
                 progress_line(st, cfg, pace)
+        st.elapsed = elapsed0 + time.time() - pace.start
+        t0 = time.time()
+        if stop.requested and saved != (st.updates, st.env_steps):
+            save_checkpoint(ckpt_path, checkpoint(st, cfg, obs))
     except KeyboardInterrupt:                         # the second Ctrl-C
-        print(f"train.py: aborted; {ckpt_path} holds update {saved[0]:,}" if saved else
+        print(f"train.py: aborted; {ckpt_path} holds update {saved[0]:,}, env step {saved[1]:,}" if saved else
               "train.py: aborted before the first checkpoint", file=sys.stderr, flush=True)
         raise SystemExit(130)
     finally:
         stop.close()
         env.close()
         log.close()
-    st.elapsed = elapsed0 + time.time() - pace.start
     if stop.requested:
-        t0 = time.time()
-        if saved != (st.updates, st.env_steps):
-            save_checkpoint(ckpt_path, checkpoint(st, cfg, obs))
         print(stopped(st, cfg, stop.requested, ckpt_path, time.time() - t0), flush=True)
     else:
         print(summary(st, cfg, run_dir, time.time() - t_start), flush=True)
@@ -429,6 +434,9 @@ def cli(argv=None):
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:                         # before the run started: nothing to save
+        print("train.py: interrupted before the run started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import runlog
 import train
@@ -87,6 +88,15 @@ def test_interrupt_and_resume_twice_loses_and_repeats_nothing(tmp_path):
     assert [r["changed"] for r in config["resumes"]] == [{"log_interval": 6}, {"training_steps": 160}]
     assert config["run"]["device"] == "cpu" and config["run"]["versions"]["torch"] == torch.__version__
     assert {"ckpt.pt", "best.pt"} <= set(os.listdir(run_dir)) and not any(f.endswith(".tmp") for f in os.listdir(run_dir))
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])                              # one tag per quantity, none twice over
+    assert tags == {"charts/episodic_return", "eval/mean_return", *(f"charts/{k}" for k in ("env_steps",
+                    "env_steps_per_s", "updates_per_s", "learning_rate", "td_horizon", "buffer_size")),
+                    *(f"losses/loss_{k}" for k in train.LOSSES)}, tags
+    for tag in tags - {"charts/episodic_return"}:                     # across three processes, no step twice
+        steps = [e.step for e in events.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
 
 
 def test_a_second_ctrl_c_aborts_at_once():
