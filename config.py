@@ -224,11 +224,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if message.startswith("unrecognized arguments"):
-            known = [s for s in self._option_string_actions if s.startswith("--")]
+            known = [s for s in self._option_string_actions if s.startswith("--") and s != "--help"]
             close = [difflib.get_close_matches(a.split("=")[0], known, n=2) for a in message.split(": ")[1].split()]
             hints = [f"did you mean {' or '.join(c)}" for c in close if c]
-            message += ("; " + ", ".join(hints) if hints else "") + f" (see {self.prog} --help)"
-        raise UsageError(message)
+            message += "; " + ", ".join(hints) if hints else ""
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 EPILOG = """\
@@ -247,8 +247,8 @@ files: runs/{game}__{exp_name}__{seed}__{unix time}/ config.json (what ran), met
 
 def parse_args(argv=None, description=None):
     """-> (explicit overrides {field: value}, preset name or None, resume path or None)."""
-    p = Parser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False, epilog=EPILOG,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="train.py", description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a small named configuration (config.py PRESETS)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this ckpt.pt (or run directory) with its "
                    "configuration, in its directory; only these flags may change: "
@@ -420,7 +420,7 @@ def load_checkpoint(path, map_location="cpu", resume=False):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
         raise UsageError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: {reason}); use another "
                          f"ckpt.pt, or start a new run") from None
     if not isinstance(ckpt, dict) or not MODEL_KEYS <= ckpt.keys():

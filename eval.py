@@ -135,14 +135,15 @@ def check_output_file(path, flag, suffix):
     if not path.lower().endswith(suffix):
         raise UsageError(f"{flag} {path}: the file name must end in {suffix}")
     if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: the folder {folder} does not exist; create it or pick another path")
+        problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: the folder {folder} {problem}; create it or pick another path")
     if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"{flag} {path} cannot be written; pick another path")
     check_writable_dir(folder, flag + " folder")
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="ckpt.pt or best.pt of a train.py run (or its run directory)")
     p.add_argument("--episodes", type=int, default=32, help="games, played in parallel (EZ_SPEC §7.1: 32)")
     p.add_argument("--num-simulations", type=int, default=50, help="search simulations per move (EZ_SPEC §7.1: 50)")

@@ -185,7 +185,8 @@ class Interval:
         self.loss_sum, self.td_sum, self.num_updates, self.returns = self.zeros()
 
     def add(self, losses, horizon):
-        self.loss_sum, self.td_sum, self.num_updates = self.loss_sum + losses, self.td_sum + horizon, self.num_updates + 1
+        self.loss_sum, self.td_sum = self.loss_sum + losses, self.td_sum + horizon
+        self.num_updates += 1
 
     def row(self, st, learning_rate, elapsed):
         """-> the metrics.csv row of the interval that ends now; starts the next one."""
@@ -336,8 +337,8 @@ def estimate(cfg, st, step_s, update_s, seconds):
     evals = evaluations_left(st, cfg)
     eval_s = evals * cfg.eval_max_episode_steps * step_s * max(1.0, cfg.eval_episodes / cfg.num_envs)  # capped games
     line = (f"on this CPU: {update_s:.3g} s per update, {step_s:.3g} s per self-play step, so about {hms(run_s)} for "
-            f"the {total - st.updates:,} updates and {steps_left:,} env steps left, plus {plural(evals, 'evaluation')} (at most "
-            f"{hms(eval_s)}); measured in {seconds:.0f} s")
+            f"the {total - st.updates:,} updates and {steps_left:,} env steps left, plus "
+            f"{plural(evals, 'evaluation')} (at most {hms(eval_s)}); measured in {seconds:.0f} s")
     if run_s > 3600:
         line += (f"\nthat is too long for a CPU: this configuration is for a GPU. On a CPU use --preset cartpole "
                  f"(CartPole-v1, minutes) or --preset atari-quick --game {cfg.game} (a tiny network through the whole "

@@ -72,7 +72,7 @@ CASES = [
     ("train", "--runs-dir {dir}/afile", "is a file, not a directory"),
     ("train", "--runs-dir {dir}/afile/runs", "is a file, not a directory"),
     ("train", "--runs-dir /sys/runs", "is not writable"),
-    ("train", "--lr 0.1", "unrecognized arguments: --lr 0.1; did you mean --lr-init"),
+    ("train", "--lr 0.1", "unrecognized arguments: --lr 0.1; did you mean --lr-init (see train.py --help)"),
     ("train", "--channels many", "argument --channels: invalid int value: 'many'"),
     ("train", "--preset pong", "argument --preset: invalid choice: 'pong'"),
     ("train", "--resume {dir}/missing.pt", "no checkpoint at"),
@@ -99,9 +99,9 @@ CASES = [
     ("eval", "--ckpt {pong} --video {dir}/game.avi", "the file name must end in .mp4"),
     ("eval", "--ckpt {pong} --video {dir}/folder.mp4", "cannot be written"),
     ("eval", "--ckpt {pong} --video /sys/game.mp4", "is not writable"),
-    ("eval", "--ckpt {pong} --video {dir}/afile/game.mp4", "does not exist"),
+    ("eval", "--ckpt {pong} --video {dir}/afile/game.mp4", "{dir}/afile is a file, not a folder"),
     ("eval", "--ckpt {ckpt} --csv {dir}/nowhere/eval.csv", "does not exist"),
-    ("eval", "--ckpt {ckpt} --episode 3", "did you mean --episodes"),
+    ("eval", "--ckpt {ckpt} --episode 3", "did you mean --episodes or --max-episode-steps (see eval.py --help)"),
     ("eval", "--episodes 3", "the following arguments are required: --ckpt"),
 ]
 
