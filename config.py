@@ -170,7 +170,7 @@ class Config:
     """updates between checkpoints (ckpt.pt, written atomically), and one at the end"""
     save_buffer: bool = True
     """store the replay buffer and the running episodes in ckpt.pt, so a stopped run resumes at the same pace with
-    all its data; on Atari 100k that is up to 2.6 GiB per checkpoint (README "Stop and resume"); --no-save-buffer
+    all its data; on Atari 100k that is up to 2.6 GiB per checkpoint (README "Progress, stop and resume"); --no-save-buffer
     writes only the networks and counters, and a resume then refills the buffer from scratch"""
 
 
@@ -236,8 +236,9 @@ stop and resume:
   Ctrl-C or SIGTERM finishes the current step, writes ckpt.pt and prints the command that resumes the run;
   a second Ctrl-C aborts at once (the last ckpt.pt stays intact: it is written to a temporary file first).
   ckpt.pt holds the replay buffer by default, so the resumed run goes on at the same pace with all its data:
-  on Atari 100k up to 2.6 GiB on disk and about 20 s per checkpoint written, 8 s to load (2-core CPU VM,
-  README "Stop and resume"); --no-save-buffer leaves it out and a resumed run then starts with an empty buffer.
+  on Atari 100k up to 2.6 GiB on disk, 16-69 s to write and 8-9 s to read back on a busy 2-core CPU VM
+  (README "Progress, stop and resume"); --no-save-buffer leaves it out, and a resumed run then starts with an
+  empty buffer.
   --resume takes the configuration stored in the checkpoint; of the flags above it accepts only
   """ + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE) + """.
 files: runs/{game}__{exp_name}__{seed}__{unix time}/ config.json (what ran), metrics.csv, eval.csv,

@@ -311,7 +311,8 @@ def progress_line(st, cfg, pace):
     else:
         left, evals = pace.left(st, cfg)
         print(f"update {st.updates:,} of {cfg.training_steps + cfg.last_steps:,}, env step {st.env_steps:,} of "
-              f"{cfg.total_transitions:,}, last eval {st.last_eval:.1f}, {hms(left)} left ({evals})", flush=True)
+              f"{cfg.total_transitions:,}, " + (f"last eval {st.last_eval:.1f}" if math.isfinite(st.last_eval) else
+              "no eval yet") + f", {hms(left)} left ({evals})", flush=True)
 
 
 def summary(st, cfg, run_dir, seconds):

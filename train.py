@@ -220,7 +220,8 @@ def as_tensors(state):
 def restore(st, ckpt):
     """Load a checkpoint dict into a run state made by build()."""
     for name in ("model", "target_model", "selfplay_model", "optimizer", "scaler"):
-        getattr(st, name).load_state_dict(ckpt[name])
+        if ckpt[name] or name != "scaler":   # a CPU run's disabled GradScaler saved {}: a resume on CUDA starts afresh
+            getattr(st, name).load_state_dict(ckpt[name])
     st.target_snapshot = {k: v.to(st.device) for k, v in ckpt["target_snapshot"].items()}
     for k in COUNTERS:
         setattr(st, k, ckpt["counters"][k])

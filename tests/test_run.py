@@ -83,6 +83,9 @@ def test_interrupt_and_resume_twice_loses_and_repeats_nothing(tmp_path):
     assert len(metrics) == len(set(metrics)) and metrics == sorted(metrics)              # no row twice
     evals = [int(r["updates"]) for r in rows(os.path.join(run_dir, "eval.csv"))]
     assert evals == [50, 100, 150, 160]                               # each evaluation once, none lost
+    print(f"stops at update {c1['updates']} / env step {c1['env_steps']} (SIGINT) and update {c2['updates']} / env step "
+          f"{c2['env_steps']} (SIGTERM); the end at update 160 / env step 150, buffer 150; {len(metrics)} metrics rows, "
+          f"evaluations at {evals}")
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["config"]["training_steps"] == 150                  # the configuration the run started with
     assert [r["changed"] for r in config["resumes"]] == [{"log_interval": 6}, {"training_steps": 160}]
