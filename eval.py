@@ -145,13 +145,16 @@ def check_output_file(path, flag, suffix):
 def main(argv=None):
     p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="ckpt.pt or best.pt of a train.py run (or its run directory)")
-    p.add_argument("--episodes", type=int, default=32, help="games, played in parallel (EZ_SPEC §7.1: 32)")
-    p.add_argument("--num-simulations", type=int, default=50, help="search simulations per move (EZ_SPEC §7.1: 50)")
-    p.add_argument("--max-episode-steps", type=int, default=None,
+    p.add_argument("--episodes", type=int, metavar="N", default=32,
+                   help="games, played in parallel (EZ_SPEC §7.1: 32)")
+    p.add_argument("--num-simulations", type=int, metavar="N", default=50,
+                   help="search simulations per move (EZ_SPEC §7.1: 50)")
+    p.add_argument("--max-episode-steps", type=int, metavar="N", default=None,
                    help="agent-step cap per game; default 27,000 (108k frames) on Atari, the task's own on gymnasium")
-    p.add_argument("--seed", type=int, default=0, help="game j is seeded seed + j (EZ_SPEC §7.1: 0..31)")
-    p.add_argument("--device", default="auto", help='"auto" = cuda when available, else cpu')
-    p.add_argument("--search-backend", default="auto", help='"torch", "triton" or "auto" (triton on CUDA)')
+    p.add_argument("--seed", type=int, metavar="N", default=0, help="game j is seeded seed + j (EZ_SPEC §7.1: 0..31)")
+    p.add_argument("--device", default="auto", metavar="NAME", help='"auto" = cuda when available, else cpu')
+    p.add_argument("--search-backend", default="auto", metavar="NAME",
+                   help='"torch", "triton" or "auto" (triton on CUDA)')
     p.add_argument("--video", metavar="OUT.mp4", help="write an H.264 mp4 of the first game (Atari only)")
     p.add_argument("--csv", metavar="EVAL.csv", help="append the result here (default: the run's eval.csv)")
     args = p.parse_args(argv)
@@ -182,9 +185,9 @@ def main(argv=None):
     model.to(device).eval()
     video = VideoWriter(args.video) if args.video else None
     counters = ckpt["counters"]
+    cap = f"cap {max_steps:,} steps" if max_steps else "the task's own time limit"
     print(f"{cfg.game}: {ckpt_path} (update {counters['updates']:,}, env step {counters['env_steps']:,}), "
-          f"{args.episodes} games, {args.num_simulations} simulations, cap "
-          f"{f'{max_steps:,} steps' if max_steps else 'the task own time limit'}, on {device}", flush=True)
+          f"{args.episodes} games, {args.num_simulations} simulations, {cap}, on {device}", flush=True)
     t0, ticker, seen = time.time(), Ticker(), set()
 
     def progress(step, scores):
