@@ -123,11 +123,12 @@ def write_config_json(run_dir, cfg, record, resumed_at=None, changed=None):
     if resumed_at is not None and os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-        data.setdefault("resumes", []).append(dict(at=resumed_at, changed=changed, run=record))
+        at = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in resumed_at.items()}  # JSON
+        data.setdefault("resumes", []).append(dict(at=at, changed=changed, run=record))
     else:
         data = dict(config=dataclasses.asdict(cfg), run=record, resumes=[])
     with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, allow_nan=False)
     os.replace(path + ".tmp", path)
 
 
