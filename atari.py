@@ -22,6 +22,7 @@ of a whole game (all lives, or the cap), where info["episode_return"] (raw score
 lives) and info["episode_length"] (agent steps) are valid. E = number of parallel envs.
 """
 
+import difflib
 import re
 
 import ale_py
@@ -63,20 +64,49 @@ ALE_GAMES = {"".join(w.capitalize() for w in rom.split("_")): rom for rom in ale
 _ALE_KEYS = {name.lower(): name for name in ALE_GAMES}  # "mspacman" -> "MsPacman"
 
 
+def _gym_ids():
+    """Registered gymnasium ids that are not ALE games, lower case -> id ("cartpole-v1" -> "CartPole-v1")."""
+    return {k.lower(): k for k, spec in gym.registry.items() if not str(spec.entry_point).startswith("ale_py")}
+
+
 def canonical_game(name: str) -> str:
     """"MsPacman", "ms_pacman", "ALE/MsPacman-v5", "MsPacmanNoFrameskip-v4" -> "MsPacman";
-    a registered gymnasium id that is not an ALE env (e.g. "CartPole-v1") is returned as it is."""
-    if name in gym.registry and not str(gym.registry[name].entry_point).startswith("ale_py"):
-        return name  # a gymnasium task ("Blackjack-v1" is gymnasium's, "Blackjack" is ALE's)
+    a registered gymnasium id that is not an ALE env (e.g. "CartPole-v1", any case) -> that id.
+    Anything else raises ValueError naming up to three close names."""
+    gym_ids = _gym_ids()
+    if name.lower() in gym_ids:
+        return gym_ids[name.lower()]  # a gymnasium task ("Blackjack-v1" is gymnasium's, "Blackjack" is ALE's)
     key = re.sub(r"^ALE/|(NoFrameskip|Deterministic)?-v\d+$", "", name).replace("_", "").lower()
     if key in _ALE_KEYS:
         return _ALE_KEYS[key]
-    others = sorted(set(ALE_GAMES) - set(ATARI_100K))
-    raise ValueError(
-        f"unknown game {name!r}. Atari 100k games: {', '.join(ATARI_100K)}. Other ALE games: "
-        f"{', '.join(others)}. Or a registered gymnasium id with Box observations and Discrete "
-        f"actions, e.g. CartPole-v1."
-    )
+    names = {**_ALE_KEYS, **gym_ids}
+    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+    close = close or difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(names[c] for c in close)}? Or pass" if close else "pass"
+    raise ValueError(f"unknown game {name!r}: {hint} an Atari 100k game (e.g. MsPacman, Pong, Breakout), "
+                     f"another ALE game, or a gymnasium id with Discrete actions (e.g. CartPole-v1)")
+
+
+def check_game(name: str) -> str:
+    """canonical_game, and for a gymnasium task also what EfficientZero needs from it: the task can be made
+    here, Box observations, Discrete actions. Raises ValueError with a one-line reason and fix."""
+    game = canonical_game(name)
+    if game in ALE_GAMES:
+        return game
+    try:
+        env = gym.make(game)
+    except Exception as e:  # a missing extra (box2d, mujoco, jax, shimmy) raises many kinds of error
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{game} cannot be made here: {reason}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise ValueError(f"{game} has {type(act_space).__name__} actions {act_space}; EfficientZero searches over "
+                         f"Discrete actions: pick a task such as CartPole-v1 or Acrobot-v1")
+    if not isinstance(obs_space, gym.spaces.Box):
+        raise ValueError(f"{game} has {type(obs_space).__name__} observations {obs_space}; the MLP model needs a "
+                         f"Box (vector) observation: pick a task such as CartPole-v1 or Acrobot-v1")
+    return game
 
 
 def human_normalized_score(game: str, score: float) -> float:

@@ -1,38 +1,47 @@
 """Evaluate a train.py checkpoint with the paper's protocol (EZ_SPEC §7.1).
 
     python eval.py --ckpt runs/<run>/ckpt.pt                      # 32 full games, the final test
-    python eval.py --ckpt runs/<run>/ckpt.pt --video game.mp4     # also an mp4 of the first game
+    python eval.py --ckpt runs/<run>/best.pt --video game.mp4     # the best evaluation's weights, and an H.264 mp4
 
 The network is rebuilt from the checkpoint alone (its model_args and config). Defaults are the final
 test of the paper: 32 games with env seeds 0..31, whole games (no episodic life), up to 30 no-op starts,
-a 27,000-step (108k-frame) cap, the argmax of a 50-simulation search without root noise, raw scores.
-Prints every game, the mean and standard deviation, and the human-normalized score of the mean (Atari).
+a 27,000-step (108k-frame) cap on Atari (a gymnasium task keeps its own limit: 500 for CartPole-v1),
+the argmax of a 50-simulation search without root noise, raw scores. Prints each game as it ends, then
+one line: mean, std, min, max and, on Atari, the human-normalized score of the mean; appends a row to
+the run's eval.csv (source "eval.py").
 """
 
-import argparse
 import dataclasses
+import os
 import sys
+import time
 
-import cv2
 import numpy as np
 import torch
 
-from atari import ATARI_100K, human_normalized_score, make_env
-from config import Config, UsageError, load_checkpoint, resolve_device
+from atari import ALE_GAMES, ATARI_100K, make_env
+from config import Config, Parser, UsageError, check_backend, check_device, load_checkpoint
 from mcts import run_search, select_action
 from model import make_model
+from runlog import EVAL_FIELDS, Ticker, append_csv, check_writable_dir, eval_row, hms
 
 
-def evaluate(model, cfg, episodes, seed, max_episode_steps, num_simulations, frame_fn=None):
+def evaluate(model, cfg, episodes, seed, max_episode_steps, num_simulations, frame_fn=None, progress=None,
+             stop=None):
     """Play `episodes` games in parallel with the argmax of a no-noise search (EZ_SPEC §7.1).
-    -> raw scores [episodes], lengths [episodes]. frame_fn(obs) sees every observation of game 0."""
+    -> raw scores [episodes], lengths [episodes]; (None, None) when stop() turned true first.
+    frame_fn(obs) sees every observation of game 0; progress(step, scores) is called after every step
+    (scores NaN for the games still playing). max_episode_steps None: the gymnasium task's own limit."""
     env = make_env(cfg.game, episodes, seed, train=False, max_episode_steps=max_episode_steps)
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     was_training, tree = model.training, None
     model.eval()
     scores, lengths = np.full(episodes, np.nan), np.zeros(episodes, np.int64)
-    obs = env.reset()
+    obs, step = env.reset(), 0
     while np.isnan(scores).any():  # games that ended keep playing (one batch shape); only the first game counts
+        if stop is not None and stop():
+            scores = lengths = None
+            break
         result = run_search(model, obs, cfg, num_simulations, False, generator, tree)
         tree = result.tree
         actions = select_action(result.visit_counts, 1.0, generator, deterministic=True).cpu().numpy()  # sync point
@@ -41,72 +50,187 @@ def evaluate(model, cfg, episodes, seed, max_episode_steps, num_simulations, fra
         obs, _, _, info = env.step(actions)
         over = info["game_over"] & np.isnan(scores)
         scores[over], lengths[over] = info["episode_return"][over], info["episode_length"][over]
+        step += 1
+        if progress is not None:
+            progress(step, scores)
     env.close()
     model.train(was_training)
     return scores, lengths
 
 
+def evaluate_and_log(st, cfg, log, pace, stop):
+    """train.py's evaluation of the learner's network (cfg's games, cap and simulations) with progress lines while
+    it plays, a row in eval.csv, st.last_eval. -> False when a stop request cut it short."""
+    ticker, t0 = Ticker(), time.time()
 
-def video_writer(path, scale=4, fps=15):
-    """-> frame_fn(obs [12, 96, 96] uint8) that appends the newest RGB frame to an mp4, and the writer."""
-    writer = None
+    def progress(step, scores):
+        if ticker.due():
+            print(f"evaluation at update {st.updates:,}: {np.count_nonzero(~np.isnan(scores))} of {len(scores)} "
+                  f"games over, step {step:,} of at most {cfg.eval_max_episode_steps:,}", flush=True)
 
-    def write(obs):
-        nonlocal writer
-        frame = np.ascontiguousarray(obs[-3:].transpose(1, 2, 0)[:, :, ::-1])     # [96, 96, 3] newest frame, BGR
-        frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        if writer is None:
-            writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, frame.shape[1::-1])
-        writer.write(frame)
+    scores, _ = evaluate(st.model, cfg, cfg.eval_episodes, cfg.seed + cfg.num_envs, cfg.eval_max_episode_steps,
+                         cfg.num_simulations, progress=progress, stop=lambda: stop.requested)
+    if scores is None:
+        return False
+    pace.eval_seconds.append(time.time() - t0)
+    row = eval_row(scores, st.env_steps, st.updates, st.elapsed + time.time() - t0, cfg.game,
+                   cfg.eval_max_episode_steps, cfg.num_simulations, "train.py")
+    log.evaluation(row)
+    st.last_eval, st.eval_updates = row["mean"], st.updates
+    hns = f", human-normalized {row['human_normalized']:.3f}" if row["human_normalized"] != "" else ""
+    print(f"eval at update {st.updates:,}, env step {st.env_steps:,}: {row['mean']:.1f} +- {row['std']:.1f} over "
+          f"{len(scores)} games{hns} ({hms(pace.eval_seconds[-1])})", flush=True)
+    return True
 
-    return write, lambda: writer is not None and writer.release()
+
+class VideoWriter:
+    """H.264 mp4 (yuv420p, plays in browsers) of the newest RGB frame of each observation [12, 96, 96] uint8,
+    scaled 4x, through imageio-ffmpeg (which ships an ffmpeg with libx264). check() reads the file back."""
+
+    def __init__(self, path, scale=4, fps=15):
+        import imageio_ffmpeg
+        self.path, self.scale, self.frames, self.error = path, scale, 0, None
+        size = (96 * scale, 96 * scale)
+        self.writer = imageio_ffmpeg.write_frames(path, size, fps=fps, codec="libx264", pix_fmt_in="rgb24",
+                                                  pix_fmt_out="yuv420p", macro_block_size=16, ffmpeg_log_level="error",
+                                                  output_params=["-movflags", "+faststart"])
+        self.writer.send(None)  # starts ffmpeg
+
+    def __call__(self, obs):
+        frame = obs[-3:].transpose(1, 2, 0).repeat(self.scale, 0).repeat(self.scale, 1)   # [384, 384, 3] RGB
+        if self.error is None:
+            try:
+                self.writer.send(np.ascontiguousarray(frame))
+                self.frames += 1
+            except Exception as e:  # ffmpeg died (disk full, path removed): reported by check()
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def check(self):
+        """Close the file; -> None if it holds `frames` H.264 frames, else what is wrong."""
+        import imageio_ffmpeg
+        try:
+            self.writer.close()
+        except Exception as e:
+            self.error = self.error or f"{type(e).__name__}: {e}"
+        if self.error:
+            return self.error
+        if not os.path.isfile(self.path) or os.path.getsize(self.path) == 0:
+            return "no file was written"
+        try:
+            reader = imageio_ffmpeg.read_frames(self.path)
+            codec = next(reader)["codec"]
+            reader.close()
+            frames, _ = imageio_ffmpeg.count_frames_and_secs(self.path)
+        except Exception as e:
+            return f"it cannot be read back ({type(e).__name__}: {e})"
+        if not codec.startswith("h264") or frames != self.frames:
+            return f"it holds {frames} frames of {codec}, expected {self.frames} frames of h264"
+        return None
+
+
+def check_output_file(path, flag, suffix):
+    """UsageError unless path ends in suffix and its folder exists and can be written to (checked before the
+    games are played, so a bad path costs no time and leaves nothing behind)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.lower().endswith(suffix):
+        raise UsageError(f"{flag} {path}: the file name must end in {suffix}")
+    if not os.path.isdir(folder):
+        problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: the folder {folder} {problem}; create it or pick another path")
+    if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path} cannot be written; pick another path")
+    check_writable_dir(folder, flag + " folder")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="ckpt.pt of a train.py run")
-    p.add_argument("--episodes", type=int, default=32, help="games, played in parallel (EZ_SPEC §7.1: 32)")
-    p.add_argument("--num-simulations", type=int, default=50, help="search simulations per move (EZ_SPEC §7.1: 50)")
-    p.add_argument("--max-episode-steps", type=int, default=27_000, help="agent-step cap per game (108k frames)")
-    p.add_argument("--seed", type=int, default=0, help="game j is seeded seed + j (EZ_SPEC §7.1: 0..31)")
-    p.add_argument("--device", default="auto", help='"auto" = cuda when available, else cpu')
-    p.add_argument("--video", metavar="OUT.mp4", help="write an mp4 of the first game (Atari only)")
+    p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--ckpt", required=True, help="ckpt.pt or best.pt of a train.py run (or its run directory)")
+    p.add_argument("--episodes", type=int, metavar="N", default=32,
+                   help="games, played in parallel (EZ_SPEC §7.1: 32)")
+    p.add_argument("--num-simulations", type=int, metavar="N", default=50,
+                   help="search simulations per move (EZ_SPEC §7.1: 50)")
+    p.add_argument("--max-episode-steps", type=int, metavar="N", default=None,
+                   help="agent-step cap per game; default 27,000 (108k frames) on Atari, the task's own on gymnasium")
+    p.add_argument("--seed", type=int, metavar="N", default=0, help="game j is seeded seed + j (EZ_SPEC §7.1: 0..31)")
+    p.add_argument("--device", default="auto", metavar="NAME", help='"auto" = cuda when available, else cpu')
+    p.add_argument("--search-backend", default="auto", metavar="NAME",
+                   help='"torch", "triton" or "auto" (triton on CUDA)')
+    p.add_argument("--video", metavar="OUT.mp4", help="write an H.264 mp4 of the first game (Atari only)")
+    p.add_argument("--csv", metavar="EVAL.csv", help="append the result here (default: the run's eval.csv)")
     args = p.parse_args(argv)
-    if args.episodes < 1 or args.num_simulations < 1 or args.max_episode_steps < 1:
-        raise UsageError("--episodes, --num-simulations and --max-episode-steps must be at least 1")
-
+    for name in ("episodes", "num_simulations", "max_episode_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be at least 1")
+    if not 0 <= args.seed < 2 ** 31 - args.episodes:
+        raise UsageError(f"--seed is {args.seed}; it must be 0 or more and below 2^31 - episodes")
+    device = check_device(args.device)
+    check_backend(args.search_backend, device)
     ckpt = load_checkpoint(args.ckpt)
+    ckpt_path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    device = resolve_device(args.device)
+    cfg.search_backend = args.search_backend
+    if cfg.torch_threads:                                       # the run's choice (1 for the CPU presets)
+        torch.set_num_threads(cfg.torch_threads)
+    atari = cfg.game in ALE_GAMES
+    max_steps = args.max_episode_steps or (27_000 if atari else None)
+    csv_path = args.csv or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval.csv")
+    check_output_file(csv_path, "--csv", ".csv")
+    if args.video:
+        if not atari:
+            raise UsageError(f"--video needs an Atari game; {cfg.game} has vector observations")
+        check_output_file(args.video, "--video", ".mp4")
+
     model = make_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])                       # the final weights, as the paper (EZ_SPEC §7.1)
     model.to(device).eval()
-    frame_fn, close_video = None, lambda: None
-    if args.video:
-        if len(ckpt["model_args"]["obs_shape"]) != 3:
-            raise UsageError(f"--video needs an Atari game; {cfg.game} has vector observations")
-        frame_fn, close_video = video_writer(args.video)
-    print(f"{cfg.game}: {args.ckpt} (update {ckpt['counters']['updates']:,}, env step "
-          f"{ckpt['counters']['env_steps']:,}), {args.episodes} games, {args.num_simulations} simulations, "
-          f"cap {args.max_episode_steps:,} steps, on {device}")
-    scores, lengths = evaluate(model, cfg, args.episodes, args.seed, args.max_episode_steps, args.num_simulations,
-                               frame_fn)
-    close_video()
-    for j, (score, length) in enumerate(zip(scores, lengths)):
-        print(f"game {j:2d} (seed {args.seed + j}): score {score:g}, {length:,} steps")
-    line = f"mean {scores.mean():.1f} +- {scores.std():.1f} (std) over {len(scores)} games"
+    video = VideoWriter(args.video) if args.video else None
+    counters = ckpt["counters"]
+    cap = f"cap {max_steps:,} steps" if max_steps else "the task's own time limit"
+    print(f"{cfg.game}: {ckpt_path} (update {counters['updates']:,}, env step {counters['env_steps']:,}), "
+          f"{args.episodes} games, {args.num_simulations} simulations, {cap}, on {device}", flush=True)
+    t0, ticker, seen = time.time(), Ticker(), set()
+
+    def progress(step, scores):
+        for j in np.flatnonzero(~np.isnan(scores)):
+            if j not in seen:
+                seen.add(j)
+                print(f"game {len(seen)} of {len(scores)} over: game {j} (seed {args.seed + j}) scored "
+                      f"{scores[j]:g} in {step:,} steps, {hms(time.time() - t0)}", flush=True)
+                ticker.printed()
+        if ticker.due():
+            print(f"step {step:,}: {len(seen)} of {len(scores)} games over, {hms(time.time() - t0)}", flush=True)
+
+    scores, _ = evaluate(model, cfg, args.episodes, args.seed, max_steps, args.num_simulations, video, progress)
+    row = eval_row(scores, counters["env_steps"], counters["updates"], time.time() - t0, cfg.game,
+                   max_steps or "task", args.num_simulations, "eval.py")
+    line = (f"{cfg.game}: mean {row['mean']:.1f}, std {row['std']:.1f}, min {row['min']:g}, max {row['max']:g} over "
+            f"{len(scores)} games")
     if cfg.game in ATARI_100K:
         random_score, human, paper = ATARI_100K[cfg.game]
-        line += (f"; human-normalized {human_normalized_score(cfg.game, scores.mean()):.3f} "
-                 f"(random {random_score:g}, human {human:g}, EfficientZero paper {paper:g})")
-    print(line)
-    if args.video:
-        print(f"video of game 0: {args.video}")
+        line += (f"; human-normalized {row['human_normalized']:.3f} (random {random_score:g}, human {human:g}, "
+                 f"EfficientZero paper {paper:g})")
+    print(line + f"; {hms(row['seconds'])}")
+    append_csv(csv_path, EVAL_FIELDS, row)
+    print(f"appended to {csv_path}")
+    if video is not None:
+        problem = video.check()
+        if problem:
+            sys.exit(f"eval.py: error: the video {args.video} failed: {problem}")
+        print(f"video of game 0: {args.video} ({video.frames:,} frames, H.264)")
     return scores
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """python eval.py: a bad command line, checkpoint or path ends in one line on stderr and exit status 2."""
     try:
-        main()
+        main(argv)
     except UsageError as e:
-        sys.exit(f"eval.py: error: {e}")
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("eval.py: interrupted; nothing was appended to eval.csv", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,7 +7,7 @@ learner batch is reanalyzed in one batched search.
 
     python train.py --game MsPacman                      # the paper's configuration (Atari 100k)
     python train.py --preset cartpole                    # learns CartPole-v1 on a CPU in a few minutes
-    python train.py --resume runs/<run>/ckpt.pt          # continue a stopped run
+    python train.py --resume runs/<run>/ckpt.pt          # continue a stopped run (Ctrl-C or SIGTERM stop one)
     python train.py --help                               # every field of Config with its source
 
 Shape letters: E envs, B batch, K unroll steps, A actions, S = 2 * support_size + 1 support bins.
@@ -15,9 +15,7 @@ Shape letters: E envs, B batch, K unroll steps, A actions, S = 2 * support_size 
 
 import argparse
 import copy
-import csv
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -26,16 +24,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
-from atari import canonical_game, make_env
-from config import (PRESETS, Config, UsageError, check_config, load_checkpoint, model_args, parse_args,
-                    resolve_device, save_checkpoint)
-from eval import evaluate
-from mcts import run_search, select_action
+from atari import make_env
+from config import (CKPT_VERSION, PRESETS, Config, UsageError, check_config, load_checkpoint,
+                    model_args, parse_args, resolve_device, resume_config, save_checkpoint)
+from eval import evaluate, evaluate_and_log
+from mcts import resolve_backend, run_search, select_action
 from model import make_model, scalar_to_support
 from reanalyze import reanalyze
 from replay import ReplayBuffer
+from runlog import (LOSSES, Interval, Pace, RunLog, Stop, Ticker, check_writable_dir, estimate, progress_line,
+                    run_record, stopped, summary, write_config_json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,11 +164,6 @@ def refresh_networks(st, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Self-play and evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # Run state: networks, optimizer, buffer, counters, random generators (all of it goes in ckpt.pt)
 # ---------------------------------------------------------------------------------------------
 
@@ -189,30 +183,39 @@ def build(cfg, env, device):
                          device=device),                    # all on the training device: no host sync to sample
         generator=torch.Generator(device).manual_seed(cfg.seed),   # search noise, tie-breaks, actions, replay draws
         rng=np.random.default_rng(cfg.seed),                       # random warm-up actions (on the host)
-        env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"))
+        env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"), eval_updates=-1,
+        best_eval=float("nan"), best_updates=-1)
 
 
-COUNTERS = ("env_steps", "updates", "games", "elapsed", "last_eval")
+# last_eval: the latest evaluation's mean, eval_updates its update (-1: none yet), best_*: the best one's
+COUNTERS = ("env_steps", "updates", "games", "elapsed", "last_eval", "eval_updates", "best_eval", "best_updates")
 
 
-def checkpoint(st, cfg, obs):
-    """Everything a resumed run needs (nanoGPT-style single dict); obs [E, *O] are the envs' observations."""
+def checkpoint(st, cfg, obs, kind="last"):
+    """Everything a resumed run needs (nanoGPT-style single dict); obs [E, *O] are the envs' observations.
+    kind "best": only what eval.py needs, the network of the best evaluation so far (best.pt, not resumable)."""
+    counters = {k: getattr(st, k) for k in COUNTERS}
+    if kind == "best":
+        return dict(version=CKPT_VERSION, kind=kind, model=st.model.state_dict(), counters=counters,
+                    config=dataclasses.asdict(cfg), model_args=st.model_args)
     cuda = st.device.type == "cuda"
     return dict(
+        version=CKPT_VERSION, kind=kind,
         model=st.model.state_dict(), target_model=st.target_model.state_dict(), target_snapshot=st.target_snapshot,
         selfplay_model=st.selfplay_model.state_dict(), optimizer=st.optimizer.state_dict(),
-        scaler=st.scaler.state_dict(), counters={k: getattr(st, k) for k in COUNTERS},
+        scaler=st.scaler.state_dict(), counters=counters,
         rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                  cuda=torch.cuda.get_rng_state_all() if cuda else None, search=st.generator.get_state(),
                  replay=st.rng.bit_generator.state),
         config=dataclasses.asdict(cfg), model_args=st.model_args,
-        buffer=st.buf.state_dict() if cfg.save_buffer else None, obs=obs if cfg.save_buffer else None)
+        buffer=st.buf.state_dict() if cfg.save_buffer else None, obs=obs)   # tensors: torch.save streams them
 
 
 def restore(st, ckpt):
     """Load a checkpoint dict into a run state made by build()."""
     for name in ("model", "target_model", "selfplay_model", "optimizer", "scaler"):
-        getattr(st, name).load_state_dict(ckpt[name])
+        if ckpt[name] or name != "scaler":   # a CPU run's disabled GradScaler saved {}: a resume on CUDA starts afresh
+            getattr(st, name).load_state_dict(ckpt[name])
     st.target_snapshot = {k: v.to(st.device) for k, v in ckpt["target_snapshot"].items()}
     for k in COUNTERS:
         setattr(st, k, ckpt["counters"][k])
@@ -232,11 +235,6 @@ def restore(st, ckpt):
 # ---------------------------------------------------------------------------------------------
 # The loop: collect, store, reanalyze, learn, refresh, evaluate, log, checkpoint
 # ---------------------------------------------------------------------------------------------
-
-LOSSES = ("value", "policy", "value_prefix", "consistency")
-METRICS = ("env_steps", "updates", "time", "env_steps_per_s", "updates_per_s", *(f"loss_{n}" for n in LOSSES),
-           "episode_return", "eval_return", "learning_rate", "td_horizon", "buffer_size")
-
 
 def collect_now(st, cfg):
     """Data pacing (EZ_SPEC §6): self-play until learning can start, then only while
@@ -277,23 +275,43 @@ def learner_step(st, cfg):
     return losses, targets.horizon.float().mean()
 
 
-def evaluate_and_log(st, cfg, run_dir, writer, elapsed):
-    """Evaluate the learner's network; append a row to eval.csv: env steps, updates, seconds since the run started
-    (earlier evaluations included), mean, std, then every game's score separated by spaces."""
-    scores, _ = evaluate(st.model, cfg, cfg.eval_episodes, cfg.seed + cfg.num_envs, cfg.eval_max_episode_steps,
-                         cfg.num_simulations)
-    st.last_eval = float(scores.mean())
-    writer.add_scalar("eval/episodic_return", st.last_eval, st.env_steps)
-    with open(os.path.join(run_dir, "eval.csv"), "a") as f:
-        f.write(f"{st.env_steps},{st.updates},{elapsed:.1f},{scores.mean():.2f},{scores.std():.2f},"
-                + " ".join(f"{s:g}" for s in scores) + "\n")
-    print(f"eval at update {st.updates:,}, env step {st.env_steps:,}, {elapsed:.0f} s: {scores.mean():.1f} +- "
-          f"{scores.std():.1f} over {len(scores)} games", flush=True)
+def measure_pace(cfg, device):
+    """Time a throwaway copy of the run on envs it never uses, leaving the global random state as it was: a buffer
+    of random play, then 3 self-play steps and 2 updates at batch min(B, 8) (the first of each pays one-off
+    costs). -> (seconds per self-play step, seconds per update scaled to batch B)."""
+    b = min(cfg.batch_size, 8)
+    window = cfg.num_envs * (cfg.num_unroll_steps + cfg.td_steps)
+    small = dataclasses.replace(cfg, batch_size=b, total_transitions=b + window + 4 * cfg.num_envs)
+    state = random.getstate(), np.random.get_state()
+    env = make_env(cfg.game, cfg.num_envs, 2 ** 30, train=True, max_episode_steps=cfg.max_episode_steps)
+    with torch.random.fork_rng(devices=[]):
+        st = build(small, env, device)
+        obs, tree, uniform = env.reset(), None, np.full((cfg.num_envs, env.num_actions), 1 / env.num_actions)
+        while len(st.buf) < b + window:
+            actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
+            next_obs, reward, done, info = env.step(actions)
+            st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs), uniform, info["final_obs"])
+            obs = next_obs
+        st.updates, step_s, update_s = 1, [], []     # searched actions, as after the random warm-up
+        for _ in range(3):
+            t0 = time.perf_counter()
+            obs, tree, _ = selfplay_step(st, env, obs, tree, small)
+            step_s.append(time.perf_counter() - t0)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            learner_step(st, small)
+            update_s.append(time.perf_counter() - t0)
+    env.close()
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    return float(np.mean(step_s[1:])), update_s[1] * cfg.batch_size / b
 
 
-def train(cfg, ckpt=None, run_dir=None):
+def train(cfg, ckpt=None, run_dir=None, changed=None):
     """Run (or, given a checkpoint dict and its directory, continue) a training run. -> the run directory."""
-    device = resolve_device(cfg.device)
+    stop = Stop()                                     # from here on Ctrl-C / SIGTERM end in a checkpoint
+    device, t_start = resolve_device(cfg.device), time.time()
+    backend = resolve_backend(cfg.search_backend, device)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     random.seed(cfg.seed)  # seeding once (CleanRL); a resumed run restores every state below instead
@@ -306,97 +324,117 @@ def train(cfg, ckpt=None, run_dir=None):
         restore(st, ckpt)
     run_dir = run_dir or os.path.join(cfg.runs_dir, f"{cfg.game}__{cfg.exp_name}__{cfg.seed}__{int(time.time())}")
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items()))
-    new_csv = not os.path.exists(os.path.join(run_dir, "metrics.csv"))
-    metrics_file = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
-    metrics = csv.DictWriter(metrics_file, METRICS)
-    if new_csv:
-        metrics.writeheader()
-    print(f"{'resumed' if ckpt else 'started'} {run_dir} on {device}: {cfg.game}, {env.num_actions} actions, "
-          f"{sum(p.numel() for p in st.model.parameters()):,} parameters, update {st.updates:,}, "
-          f"env step {st.env_steps:,}, buffer {len(st.buf):,}", flush=True)
-
+    write_config_json(run_dir, cfg, run_record(device, backend), ckpt and ckpt["counters"], changed)
+    log = RunLog(run_dir, cfg, ckpt and ckpt["counters"])
     total_updates = cfg.training_steps + cfg.last_steps
-    obs, tree = env.reset(), None                                                   # [E, *O]
-    loss_sum, td_sum, num_updates, returns = torch.zeros(4, device=device), torch.zeros((), device=device), 0, []
-    t_start = t_log = time.time()
-    elapsed0, log_env, log_upd = st.elapsed, st.env_steps, st.updates
-    log_tick = (st.env_steps + st.updates) // cfg.log_interval
-    while st.updates < total_updates:
-        if collect_now(st, cfg):
-            # ALGO LOGIC: self-play, one batched search for all E envs
-            obs, tree, scores = selfplay_step(st, env, obs, tree, cfg)
-            for score in scores:
-                returns.append(score)
-                st.games += 1
-                writer.add_scalar("charts/episodic_return", score, st.env_steps)
-        elif len(st.buf) >= cfg.start_transitions:
-            # ALGO LOGIC: reanalyze a prioritized batch with the target network, learn, refresh
-            losses, horizon = learner_step(st, cfg)
-            loss_sum, td_sum, num_updates = loss_sum + losses, td_sum + horizon, num_updates + 1
-            if st.updates % cfg.eval_interval == 0 or st.updates == total_updates:
-                evaluate_and_log(st, cfg, run_dir, writer, elapsed0 + time.time() - t_start)
-            if st.updates % cfg.save_interval == 0 or st.updates == total_updates:
-                st.elapsed = elapsed0 + time.time() - t_start
-                save_checkpoint(os.path.join(run_dir, "ckpt.pt"), checkpoint(st, cfg, obs))
-        else:
-            raise UsageError(f"the buffer holds {len(st.buf)} < {cfg.start_transitions} transitions and the data "
-                             f"budget is spent: resume from a checkpoint saved with --save-buffer")
+    print(f"{'resumed' if ckpt else 'started'} {run_dir}: {cfg.game} ({env.num_actions} actions) on {device}, "
+          f"search {backend}; {sum(p.numel() for p in st.model.parameters()):,} parameters, batch {cfg.batch_size}, "
+          f"{cfg.num_simulations} simulations; budget {cfg.total_transitions:,} env steps, {total_updates:,} updates"
+          + (f"; at update {st.updates:,}, env step {st.env_steps:,}, buffer {len(st.buf):,}" if ckpt else ""), flush=True)
+    if ckpt and ckpt["buffer"] is None:
+        print(f"note: the checkpoint holds no replay buffer (--no-save-buffer): the run's {st.env_steps:,} "
+              f"transitions are gone; self-play refills {cfg.start_transitions:,} before learning goes on", flush=True)
+    work = sum(p.numel() for p in st.model.parameters()) * cfg.batch_size * total_updates * (
+        cfg.num_unroll_steps + 1 + cfg.num_simulations)  # cartpole preset 1.8e11 (3 min here); below 1e10: seconds
+    if device.type == "cpu" and work > 1e10 and not stop.requested:
+        print("timing a few self-play steps and updates on this CPU ...", flush=True)
+        print(estimate(cfg, st, *measure_pace(cfg, device), time.time() - t_start), flush=True)
 
-        tick = (st.env_steps + st.updates) // cfg.log_interval
-        if tick > log_tick or st.updates == total_updates:  # TRY NOT TO MODIFY: progress line, TensorBoard, csv
-            log_tick, now = tick, time.time()
-            dt = max(now - t_log, 1e-9)
-            row = dict(env_steps=st.env_steps, updates=st.updates, time=round(elapsed0 + now - t_start, 1),
-                       env_steps_per_s=(st.env_steps - log_env) / dt, updates_per_s=(st.updates - log_upd) / dt,
-                       episode_return=np.mean(returns) if returns else float("nan"), eval_return=st.last_eval,
-                       learning_rate=learning_rate(st.updates, cfg), buffer_size=len(st.buf),
-                       td_horizon=(td_sum / max(num_updates, 1)).item())                     # sync point
-            row.update({f"loss_{n}": v for n, v in zip(LOSSES, (loss_sum / max(num_updates, 1)).tolist())})
-            for k, v in row.items():
-                if k not in ("env_steps", "time"):
-                    writer.add_scalar(("losses/" if k.startswith("loss") else "charts/") + k, v, st.env_steps)
-            metrics.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-            metrics_file.flush()
-            left = (total_updates - st.updates) / row["updates_per_s"] if row["updates_per_s"] > 0 else float("nan")
-            print(f"env {st.env_steps:,} | upd {st.updates:,} | {row['env_steps_per_s']:.1f} env/s "
-                  f"{row['updates_per_s']:.2f} upd/s | loss v {row['loss_value']:.3f} p {row['loss_policy']:.3f} "
-                  f"r {row['loss_value_prefix']:.3f} c {row['loss_consistency']:.3f} | return "
-                  f"{row['episode_return']:.1f} | eval {st.last_eval:.1f} | lr {row['learning_rate']:.4f} | "
-                  f"td {row['td_horizon']:.2f} | buf {len(st.buf):,} | left "
-                  + (time.strftime("%H:%M:%S", time.gmtime(left)) if np.isfinite(left) else "?"), flush=True)
-            t_log, log_env, log_upd, returns = now, st.env_steps, st.updates, []
-            loss_sum, td_sum, num_updates = torch.zeros_like(loss_sum), torch.zeros_like(td_sum), 0
-    env.close()
-    writer.close()
-    metrics_file.close()
+    ckpt_path, obs, tree = os.path.join(run_dir, "ckpt.pt"), env.reset(), None                 # obs [E, *O]
+    saved = (st.updates, st.env_steps) if ckpt else None
+    pace, ticker, interval, elapsed0 = Pace(st), Ticker(), Interval(st, device), st.elapsed
+    log_tick = (st.env_steps + st.updates) // cfg.log_interval
+    try:
+        while not stop.requested:
+            st.elapsed = elapsed0 + time.time() - pace.start
+            if st.updates and (st.updates % cfg.eval_interval == 0 or st.updates == total_updates) \
+                    and st.eval_updates != st.updates:
+                if not evaluate_and_log(st, cfg, log, pace, stop):
+                    break                             # stopped during the evaluation: the resumed run redoes it
+                if not st.best_eval >= st.last_eval:  # also when best_eval is NaN (the first evaluation)
+                    st.best_eval, st.best_updates = st.last_eval, st.updates
+                    save_checkpoint(os.path.join(run_dir, "best.pt"), checkpoint(st, cfg, None, kind="best"))
+                ticker.printed()
+            if st.updates and (st.updates % cfg.save_interval == 0 or st.updates == total_updates) \
+                    and saved != (st.updates, st.env_steps):
+                save_checkpoint(ckpt_path, checkpoint(st, cfg, obs))
+                saved = (st.updates, st.env_steps)
+            if st.updates >= total_updates:
+                break
+            if collect_now(st, cfg):
+                # ALGO LOGIC: self-play, one batched search for all E envs
+                obs, tree, scores = selfplay_step(st, env, obs, tree, cfg)
+                for score in scores:
+                    st.games += 1
+                    interval.returns.append(score)
+                    log.episode(score, st.updates)
+            elif len(st.buf) >= cfg.start_transitions:
+                # ALGO LOGIC: reanalyze a prioritized batch with the target network, learn, refresh
+                interval.add(*learner_step(st, cfg))
+                pace.learning(st)
+            else:
+                raise RuntimeError(f"the buffer holds {len(st.buf)} < {cfg.start_transitions} transitions and the "
+                                   f"data budget is spent")
+
+            tick = (st.env_steps + st.updates) // cfg.log_interval
+            if tick > log_tick or st.updates == total_updates:  # TRY NOT TO MODIFY: progress line, TensorBoard, csv
+                log_tick = tick
+                log.metrics(interval.row(st, learning_rate(st.updates, cfg), elapsed0 + time.time() - pace.start),
+                            *pace.left(st, cfg))
+                ticker.printed()
+            elif ticker.due():
+                progress_line(st, cfg, pace)
+        st.elapsed = elapsed0 + time.time() - pace.start
+        t0 = time.time()
+        if stop.requested and saved != (st.updates, st.env_steps):
+            save_checkpoint(ckpt_path, checkpoint(st, cfg, obs))
+    except KeyboardInterrupt:                         # the second Ctrl-C
+        print(f"train.py: aborted; {ckpt_path} holds update {saved[0]:,}, env step {saved[1]:,}" if saved else
+              "train.py: aborted before the first checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    finally:
+        stop.close()
+        env.close()
+        log.close()
+    if stop.requested:
+        print(stopped(st, cfg, stop.requested, ckpt_path, time.time() - t0), flush=True)
+    else:
+        print(summary(st, cfg, run_dir, time.time() - t_start), flush=True)
     return run_dir
 
 
 def main(argv=None):
+    """train.py's command line: a new run, or --resume; UsageError for anything that cannot run."""
     explicit, preset, resume = parse_args(argv, __doc__.split("\n\n")[0])
-    ckpt, base = None, {}
-    if resume:
-        ckpt = load_checkpoint(resume)
-        base = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-        if "game" in explicit:
-            try:
-                game = canonical_game(explicit["game"])
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-            if game != base["game"]:
-                raise UsageError(f"{resume} is a run of {base['game']}, not {game}: drop --game, or start a new "
-                                 f"run of {game} without --resume")
-    cfg = check_config(Config(**{**base, **PRESETS.get(preset, {}), **explicit}))
-    return train(cfg, ckpt, os.path.dirname(resume) if resume else None)
+    if not resume:
+        cfg = check_config(Config(**{**PRESETS.get(preset, {}), **explicit}))
+        check_writable_dir(cfg.runs_dir, "--runs-dir")
+        return train(cfg)
+    if preset:
+        raise UsageError("--preset with --resume: a resumed run keeps its checkpoint's configuration; drop --preset")
+    ckpt = load_checkpoint(resume, resume=True)
+    cfg = resume_config(ckpt, explicit, resume)
+    run_dir = resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
+    check_writable_dir(run_dir, "the run directory")
+    done = ckpt["counters"]
+    if ckpt["buffer"] is None and (done["env_steps"] + cfg.num_envs > cfg.total_transitions
+                                   or done["updates"] >= cfg.training_steps):
+        raise UsageError(f"{resume} holds no replay buffer (saved with --no-save-buffer) and the run's data budget is "
+                         f"spent, so there is nothing to learn from; start a new run")
+    return train(cfg, ckpt, run_dir, {k: v for k, v in explicit.items() if ckpt["config"].get(k) != v})
+
+
+def cli(argv=None):
+    """python train.py: a bad command line or checkpoint ends in one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:                         # before the run started: nothing to save
+        print("train.py: interrupted before the run started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        sys.exit(f"train.py: error: {e}")
+    cli()

@@ -136,15 +136,22 @@ def test_game_names():
     env.close()
 
 
-def test_unknown_game_lists_names():
+def test_unknown_game_suggests_close_names_in_one_short_line():
     with pytest.raises(ValueError) as e:
         atari.make_env("MsPacmann", 1, seed=0)
     msg = str(e.value)
-    assert "MsPacmann" in msg and "CartPole-v1" in msg
-    assert all(name in msg for name in atari.ALE_GAMES)
-    assert msg.index("UpNDown") < msg.index("Adventure")  # Atari 100k games first, then the others
+    assert msg.startswith("unknown game 'MsPacmann': did you mean MsPacman") and "CartPole-v1" in msg
+    assert len(msg) < 250 and "\n" not in msg                  # not the list of all 100+ ALE games
+    assert "did you mean CartPole-v1" in str(pytest.raises(ValueError, atari.canonical_game, "Cartpole").value)
+    assert "did you mean" not in str(pytest.raises(ValueError, atari.canonical_game, "xyzzy").value)
+    assert atari.canonical_game("cartpole-v1") == "CartPole-v1"  # gymnasium ids in any case
+    assert atari.check_game("Acrobot-v1") == "Acrobot-v1" and atari.check_game("pong") == "Pong"
+    with pytest.raises(ValueError, match="Pendulum-v1 has Box actions"):
+        atari.check_game("Pendulum-v1")                           # continuous actions
+    with pytest.raises(ValueError, match="Discrete observations"):
+        atari.check_game("FrozenLake-v1")                         # no vector observation
     with pytest.raises(ValueError):
-        atari.make_env("Pendulum-v1", 1, seed=0)  # continuous actions
+        atari.make_env("Pendulum-v1", 1, seed=0)
 
 
 def test_human_normalized_score():
