@@ -240,14 +240,8 @@ def bench_train(args):
     device = torch.device(args.device)
     env = make_env(cfg.game, cfg.num_envs, cfg.seed, train=True, max_episode_steps=cfg.max_episode_steps)
     st = train.build(cfg, env, device)
-    obs, fill = env.reset(), max(args.fill or cfg.start_transitions, cfg.start_transitions)
-    uniform = np.full((cfg.num_envs, env.num_actions), 1 / env.num_actions, np.float32)
     t0 = time.perf_counter()
-    while len(st.buf) < fill:  # random play, as train.py before learning starts
-        actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
-        next_obs, reward, done, info = env.step(actions)
-        st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs, np.float32), uniform, info["final_obs"])
-        obs = next_obs
+    obs = train.fill_random(st, env, env.reset(), max(args.fill or cfg.start_transitions, cfg.start_transitions))
     print(f"filled the buffer with {len(st.buf):,} random transitions in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr, flush=True)
     ratio = cfg.num_envs * cfg.training_steps / cfg.total_transitions        # updates per self-play step

@@ -110,12 +110,17 @@ class ReplayBuffer:
         new = slice(n, n + E)
         self.frames[new] = self._newest_frame(obs)
         self.actions[new] = self._to_device(action, torch.int64)
-        self.rewards[new] = torch.sign(self._to_device(reward, torch.float32))   # EZ_SPEC §1: clipped reward
+        reward = torch.as_tensor(np.asarray(reward, np.float32)).to(self.device)  # sync point: rewards to the device
+        self.rewards[new] = torch.sign(reward)                     # EZ_SPEC §1: clipped reward for all targets
         self.root_values[new] = self._to_device(root_value, torch.float32)
         self.child_visits[new] = self._to_device(visit_dist, torch.float32)
         top = self.priorities[:n].amax() if n else torch.ones((), device=self.device)
         self.priorities[new] = top.expand(E)                                   # EZ_SPEC §4.1: new data at max priority
-        self.ep_start[new] = torch.from_numpy(self.cur_start).to(self.device)
+        index = torch.arange(n, n + E, device=self.device)         # [E] env e's newest step starts an episode
+        if n:                                                      # unless env e's previous step did not end one
+            before = slice(n - E, n)
+            index = torch.where(self.ep_end[before] >= 0, index, self.ep_start[before])
+        self.ep_start[new] = index
         self.ep_end[new] = -1
         self.ep_terminal[new] = False
         self.final_slot[new] = -1
@@ -132,7 +137,8 @@ class ReplayBuffer:
         if final_obs is not None:
             if self.num_final == len(self.final_frames):
                 self.final_frames = torch.cat([self.final_frames, torch.empty_like(self.final_frames)])
-            self.final_frames[self.num_final] = self._newest_frame(np.asarray(final_obs)[None])[0]
+            final_obs = torch.as_tensor(np.asarray(final_obs)[None]).to(self.device)  # sync point: at an end only
+            self.final_frames[self.num_final] = self._newest_frame(final_obs)[0]
             self.ep_terminal[episode] = True
             self.final_slot[episode] = self.num_final
             self.num_final += 1

@@ -134,13 +134,12 @@ def train_step(st, batch, targets, cfg):
     obs = batch.obs                                                              # [B, K+1, *O] on the device
     if obs.dim() == 5 and cfg.augmentation:
         obs = augment(obs)
-    coeffs = torch.tensor([cfg.value_loss_coeff, cfg.policy_loss_coeff, cfg.value_prefix_loss_coeff,
-                           cfg.consistency_coeff], device=device)
+    coeffs = (cfg.value_loss_coeff, cfg.policy_loss_coeff, cfg.value_prefix_loss_coeff, cfg.consistency_coeff)
     for group in st.optimizer.param_groups:
         group["lr"] = learning_rate(st.updates, cfg)
     with torch.autocast(device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
         losses, value_0 = unroll_losses(st.model, obs, batch.actions, batch.mask, targets, cfg)   # [4, B], [B]
-        loss = (batch.weights * (coeffs @ losses.float())).mean()                 # EZ_SPEC §4.3.4, PER weights
+        loss = (batch.weights * sum(c * l for c, l in zip(coeffs, losses.float()))).mean()  # EZ_SPEC §4.3.4, PER
     loss = scale_gradient(loss, 1 / cfg.num_unroll_steps)                       # EZ_SPEC §4.3.5: gradient x 1/K
     st.optimizer.zero_grad(set_to_none=True)
     st.scaler.scale(loss).backward()
@@ -176,13 +175,13 @@ def build(cfg, env, device):
         target_model=copy.deepcopy(model).eval(),              # reanalysis (EZ_SPEC §5), lags 200-400 updates
         target_snapshot={k: v.detach().clone() for k, v in model.state_dict().items()},
         selfplay_model=copy.deepcopy(model).eval(),            # acting (EZ_SPEC §6), refreshed every 100 updates
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  fused=True),   # one kernel; and GradScaler.step reads no found_inf on the host
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"),
         buf=ReplayBuffer(cfg.total_transitions, cfg.num_envs, env.frame_shape, env.stack, env.num_actions,
                          alpha=cfg.priority_alpha, frame_dtype=torch.uint8 if env.is_atari else torch.float32,
                          device=device),                    # all on the training device: no host sync to sample
-        generator=torch.Generator(device).manual_seed(cfg.seed),   # search noise, tie-breaks, actions, replay draws
-        rng=np.random.default_rng(cfg.seed),                       # random warm-up actions (on the host)
+        generator=torch.Generator(device).manual_seed(cfg.seed),   # every draw: search noise, tie-breaks, actions, replay
         env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"), eval_updates=-1,
         best_eval=float("nan"), best_updates=-1)
 
@@ -205,8 +204,7 @@ def checkpoint(st, cfg, obs, kind="last"):
         selfplay_model=st.selfplay_model.state_dict(), optimizer=st.optimizer.state_dict(),
         scaler=st.scaler.state_dict(), counters=counters,
         rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state_all() if cuda else None, search=st.generator.get_state(),
-                 replay=st.rng.bit_generator.state),
+                 cuda=torch.cuda.get_rng_state_all() if cuda else None, search=st.generator.get_state()),
         config=dataclasses.asdict(cfg), model_args=st.model_args,
         buffer=st.buf.state_dict() if cfg.save_buffer else None, obs=obs)   # tensors: torch.save streams them
 
@@ -226,7 +224,6 @@ def restore(st, ckpt):
     if rng["cuda"] is not None and st.device.type == "cuda":
         torch.cuda.set_rng_state_all(rng["cuda"])
     st.generator.set_state(rng["search"])
-    st.rng.bit_generator.state = rng["replay"]
     if ckpt["buffer"] is not None:
         st.buf.load_state_dict(ckpt["buffer"])
         st.buf.truncate_running_episodes()   # the envs restart: cut (not end) the episodes they were playing
@@ -247,21 +244,35 @@ def collect_now(st, cfg):
 def selfplay_step(st, env, obs, tree, cfg):
     """One lockstep step of the E envs, chosen by one batched search with root noise (EZ_SPEC §6); stores the
     transitions. -> next obs [E, *O], the search tree (reused), raw scores of the games that ended."""
+    obs = torch.as_tensor(obs, device=st.device)          # sync point: the envs' observations to the device, once
     result = run_search(st.selfplay_model, obs, cfg, cfg.num_simulations, True, st.generator, tree)
+    E, A = cfg.num_envs, env.num_actions
     if st.updates == 0:  # before learning: uniform random actions and uniform policy targets (EZ_SPEC §6)
-        actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
-        visit_dist = np.full((cfg.num_envs, env.num_actions), 1 / env.num_actions, np.float32)
+        actions = torch.randint(A, (E,), generator=st.generator, device=st.device)
+        visit_dist = torch.full((E, A), 1 / A, device=st.device)
     else:
         temperature = visit_softmax_temperature(st.updates, cfg)
         actions = select_action(result.visit_counts, temperature, st.generator, deterministic=False)
-        actions = actions.cpu().numpy()                                             # sync point: the envs run on the host
-        visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1 (device)
-    next_obs, reward, done, info = env.step(actions)
+        visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1
+    next_obs, reward, done, info = env.step(actions.cpu().numpy())                 # sync point: the envs run on the host
     # A time limit cuts the episode (truncated: not an absorbing state), unless cfg says it ends it as the original.
     truncated = None if cfg.time_limit_terminal else info["truncated"]
     st.buf.add(obs, actions, reward, done, result.root_values, visit_dist, info["final_obs"], truncated)
     st.env_steps += cfg.num_envs
     return next_obs, result.tree, info["episode_return"][info["game_over"]]
+
+
+def fill_random(st, env, obs, size, rng=None):
+    """Random play into st.buf until it holds `size` transitions, without searches (timings and tests; a run's
+    warm-up searches as the original, selfplay_step). -> the envs' observations after it."""
+    rng = rng or np.random.default_rng(0)
+    E, A = env.num_envs, env.num_actions
+    while len(st.buf) < size:
+        actions = rng.integers(A, size=E)
+        next_obs, reward, done, info = env.step(actions)
+        st.buf.add(obs, actions, reward, done, np.zeros(E), np.full((E, A), 1 / A), info["final_obs"], info["truncated"])
+        obs = next_obs
+    return obs
 
 
 def learner_step(st, cfg):
@@ -286,12 +297,7 @@ def measure_pace(cfg, device):
     env = make_env(cfg.game, cfg.num_envs, 2 ** 30, train=True, max_episode_steps=cfg.max_episode_steps)
     with torch.random.fork_rng(devices=[]):
         st = build(small, env, device)
-        obs, tree, uniform = env.reset(), None, np.full((cfg.num_envs, env.num_actions), 1 / env.num_actions)
-        while len(st.buf) < b + window:
-            actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
-            next_obs, reward, done, info = env.step(actions)
-            st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs), uniform, info["final_obs"])
-            obs = next_obs
+        obs, tree = fill_random(st, env, env.reset(), b + window), None
         st.updates, step_s, update_s = 1, [], []     # searched actions, as after the random warm-up
         for _ in range(3):
             t0 = time.perf_counter()

@@ -149,13 +149,7 @@ def test_ablation_switches_act_where_the_math_changes():
 
 def fill_and_learn(st, cfg, env, updates):
     """Random transitions into the buffer, then a few updates; -> the env's current obs."""
-    obs = env.reset()
-    while len(st.buf) < cfg.start_transitions:
-        actions = st.rng.integers(env.num_actions, size=cfg.num_envs)
-        next_obs, reward, done, info = env.step(actions)
-        st.buf.add(obs, actions, reward, done, np.zeros(cfg.num_envs), np.full((cfg.num_envs, 2), 0.5),
-                   info["final_obs"])
-        obs = next_obs
+    obs = train.fill_random(st, env, env.reset(), cfg.start_transitions)
     for _ in range(updates):
         one_update(st, cfg)
     return obs
