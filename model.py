@@ -96,6 +96,8 @@ class DepthBatchNorm(nn.Module):
     def forward(self, x, depth=0):                                     # x [B, C] or [B, C, H, W]
         if isinstance(depth, int):
             d = min(depth, self.depths - 1)
+            if self.training:   # the running statistics move in place, and F.batch_norm bumps no tensor version
+                self._updates = getattr(self, "_updates", 0) + 1
             return F.batch_norm(x, self.running_mean[d], self.running_var[d], self.weight, self.bias,
                                 self.training, self.momentum, self.eps)  # updates row d in place when training
         if self.training:
@@ -111,13 +113,13 @@ class DepthBatchNorm(nn.Module):
 
         A search calls every BatchNorm once per simulation with the same statistics, so the table is kept and
         reused while the statistics and affine parameters are the same tensors at the same versions (an
-        optimizer step or load_state_dict bumps them). Inside a CUDA graph capture it is computed in the graph,
+        optimizer step or load_state_dict bumps them) and no training pass moved the statistics. Inside a CUDA graph capture it is computed in the graph,
         so that a replay reads the parameters as they are then (they are refreshed in place). No gradient."""
         if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             return torch.cat([scale, self.bias - self.running_mean * scale], 1)
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = tuple((t.data_ptr(), t._version) for t in tensors) + (getattr(self, "_updates", 0),)
         if getattr(self, "_scale_shift_key", None) != key:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)           # [depths, C]
             self._scale_shift = torch.cat([scale, self.bias - self.running_mean * scale], 1)  # [depths, 2C]

@@ -248,6 +248,9 @@ def test_depth_batchnorm_trains_one_depth_and_infers_per_sample():
         bn.running_mean[2] += 1.0
     assert not torch.allclose(bn(x, depth)[1], per_sample[1])
     torch.testing.assert_close(bn(x, depth)[0], per_sample[0])
+    before = bn(x, depth)
+    bn.train()(torch.randn(64, 3, 2, 2) + 9, 0)                            # so is a training pass (no version bump)
+    assert not torch.allclose(bn.eval()(x, depth)[0], before[0])
     with pytest.raises(ValueError):
         bn.train()(x, depth)                                               # per-sample depths: inference only
 
