@@ -23,6 +23,7 @@ from atari import ALE_GAMES, ATARI_100K, make_env
 from config import Config, Parser, UsageError, check_backend, check_device, load_checkpoint
 from mcts import run_search, select_action
 from model import make_model
+from replay import ReplayBuffer
 from runlog import EVAL_FIELDS, Ticker, append_csv, check_writable_dir, eval_row, hms
 
 
@@ -128,6 +129,51 @@ class VideoWriter:
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# The BatchNorm probe: does inference at depth d see what the learner's unroll saw? (README "Differences")
+# ---------------------------------------------------------------------------------------------
+
+def unroll_predictions(model, batch, K):
+    """Mean predicted value prefix and value at unroll depths 1..K of a replay batch -> [2, K] (train mode: each
+    depth normalized with the batch's own statistics, as the learner; eval mode: the running statistics)."""
+    out = model.initial_inference(batch.obs[:, 0])
+    latent, lstm, means = out.latent, out.lstm_state, []
+    for k in range(1, K + 1):
+        step = model.recurrent_inference(latent, lstm, batch.actions[:, k - 1], k)
+        latent, lstm = step.latent, step.lstm_state
+        means.append(torch.stack([step.value_prefix.mean(), step.value.mean()]))
+    return torch.stack(means, 1)
+
+
+@torch.no_grad()
+def depth_gap(ckpt, batches=60, batch_size=256, seed=0):
+    """The checkpoint's weights with per-depth and with shared BatchNorm statistics, both refreshed by train-mode
+    unroll passes over `batches` replay batches (momentum 0.1: the old statistics weigh 0.9^60 = 0.2%), then
+    eval-mode vs train-mode predictions per depth on one more batch. -> {"depth"|"shared": (eval [2, K], train)}"""
+    if ckpt.get("buffer") is None:
+        raise UsageError("--depth-gap needs the replay buffer in the checkpoint: use a ckpt.pt saved with --save-buffer")
+    state, cfg = ckpt["buffer"], Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
+    K = cfg.num_unroll_steps
+    buf = ReplayBuffer(int(state["size"]), int(state["num_envs"]), state["frame_shape"], int(state["stack"]),
+                       int(state["num_actions"]), cfg.priority_alpha, state["frames"].dtype)
+    buf.load_state_dict(state)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, buf.num_sampleable(K, cfg.td_steps))
+    sample = lambda: buf.sample(batch_size, K, cfg.td_steps, 1.0, generator)
+    weights = {k: v for k, v in ckpt["model"].items() if "running_" not in k and "num_batches" not in k}
+    result = {}
+    for mode, bn_depths in (("depth", K + 1), ("shared", 1)):
+        model = make_model(**{**ckpt["model_args"], "bn_depths": bn_depths})
+        model.load_state_dict(weights, strict=False)
+        model.train()
+        for _ in range(batches):
+            unroll_predictions(model, sample(), K)
+        probe = sample()
+        train_mode = unroll_predictions(model, probe, K)
+        result[mode] = (unroll_predictions(model.eval(), probe, K), train_mode)
+    return result
+
+
 def check_output_file(path, flag, suffix):
     """UsageError unless path ends in suffix and its folder exists and can be written to (checked before the
     games are played, so a bad path costs no time and leaves nothing behind)."""
@@ -157,6 +203,9 @@ def main(argv=None):
                    help='"torch", "triton" or "auto" (triton on CUDA)')
     p.add_argument("--video", metavar="OUT.mp4", help="write an H.264 mp4 of the first game (Atari only)")
     p.add_argument("--csv", metavar="EVAL.csv", help="append the result here (default: the run's eval.csv)")
+    p.add_argument("--depth-gap", action="store_true",
+                   help="instead of games: eval-mode vs train-mode predictions per unroll depth on replay batches, with "
+                        "per-depth and with shared BatchNorm statistics on the checkpoint's weights (needs its buffer)")
     args = p.parse_args(argv)
     for name in ("episodes", "num_simulations", "max_episode_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -180,6 +229,15 @@ def main(argv=None):
             raise UsageError(f"--video needs an Atari game; {cfg.game} has vector observations")
         check_output_file(args.video, "--video", ".mp4")
 
+    if args.depth_gap:
+        print(f"{cfg.game}: {ckpt_path}, update {ckpt['counters']['updates']:,}: mean value prefix and value per unroll "
+              f"depth 1..{cfg.num_unroll_steps} of a replay batch, eval mode vs train mode (the learner's)")
+        for mode, (eval_mode, train_mode) in depth_gap(ckpt).items():
+            for i, name in enumerate(("value prefix", "value")):
+                row = lambda x: " ".join(f"{v:7.2f}" for v in x[i].tolist())
+                print(f"{mode:6s} statistics, {name:12s}: eval {row(eval_mode)} | train {row(train_mode)} | "
+                      f"gap {row((eval_mode - train_mode).abs())}")
+        return None
     model = make_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["model"])                       # the final weights, as the paper (EZ_SPEC §7.1)
     model.to(device).eval()

@@ -60,3 +60,16 @@ def test_a_gymnasium_task_keeps_its_own_time_limit(tmp_path):
     evaluation.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--episodes", "2", "--num-simulations", "2"])
     (row,) = csv.DictReader(open(tmp_path / "eval.csv"))             # beside the checkpoint by default
     assert row["max_episode_steps"] == "task" and row["human_normalized"] == "" and row["games"] == "2"
+
+
+def test_depth_gap_probes_both_kinds_of_statistics_on_the_checkpoint_weights(pong_ckpt, capsys):
+    ckpt = train.load_checkpoint(pong_ckpt)
+    gaps = evaluation.depth_gap(ckpt, batches=2, batch_size=8)
+    assert set(gaps) == {"depth", "shared"}
+    for eval_mode, train_mode in gaps.values():
+        assert eval_mode.shape == train_mode.shape == (2, 5) and torch.isfinite(eval_mode).all()
+    evaluation.main(["--ckpt", pong_ckpt, "--depth-gap"])
+    out = capsys.readouterr().out
+    assert "depth  statistics, value prefix: eval" in out and "shared statistics, value       : eval" in out
+    with pytest.raises(train.UsageError, match="needs the replay buffer"):
+        evaluation.depth_gap({**ckpt, "buffer": None})
