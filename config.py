@@ -114,6 +114,8 @@ class Config:
     # ---- reanalysis ----
     reanalyze_ratio: float = 0.99
     """fraction of each batch whose policy targets are re-searched (EZ_SPEC §5.4)"""
+    reanalyze_noise: bool = True
+    """Dirichlet noise at the roots of the reanalysis searches, as the original (EZ_SPEC §5.4)"""
     use_root_value: bool = False
     """bootstrap values from a search root value instead of the network value; off in train.sh (EZ_SPEC §5.2)"""
     # ---- search (EZ_SPEC §3) ----

@@ -84,7 +84,8 @@ def reanalyze(batch, buf, target_model, cfg, generator):
     target_model.eval()                                                     # BN running stats (EZ_SPEC §5)
     K, B = cfg.num_unroll_steps, len(batch.indices)
     device = batch.rewards.device
-    search_args = dict(num_simulations=cfg.num_simulations, add_noise=True, generator=generator, **search_kwargs(cfg))
+    search_args = dict(num_simulations=cfg.num_simulations, add_noise=cfg.reanalyze_noise, generator=generator,
+                       **search_kwargs(cfg))
     horizon = td_horizon(batch.ages, cfg.training_steps, cfg.td_steps, cfg.off_policy_correction)  # [B]
     j = torch.arange(K + 1, device=device)                                  # [K+1]
 
