@@ -21,7 +21,6 @@ import torch
 from atari import canonical_game, check_game
 
 
-
 @dataclass
 class Config:
     # ---- run ----
@@ -215,9 +214,7 @@ RESUMABLE = ("device", "torch_threads", "search_backend", "training_steps", "las
              "eval_episodes", "eval_max_episode_steps", "log_interval", "save_interval", "save_buffer", "cuda_graphs")
 
 
-# ---------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: command line from Config, validation, resume rules, checkpoints
-# ---------------------------------------------------------------------------------------------
+# ---- TRY NOT TO MODIFY: the command line from Config, validation, resume rules ----
 
 def field_docs(cls):
     """Field name -> the docstring under it (the CleanRL / tyro convention), for --help."""
@@ -282,7 +279,6 @@ POSITIVE = ["num_envs", "max_episode_steps", "total_transitions", "start_transit
             "eval_max_episode_steps", "log_interval", "save_interval", "target_refresh_interval",
             "selfplay_refresh_interval", "lr_decay_steps", "channels", "blocks", "reduced_channels", "fc_hidden",
             "lstm_hidden", "support_size", "proj_hid", "proj_out", "pred_hid", "pred_out", "hidden", "latent_dim"]
-# float fields: (low, high, low included, high included)
 # float fields: the interval of sensible values, in math notation
 RANGES = dict(discount="(0, 1]", lr_init="(0, inf)", lr_warm_up="[0, 1]", lr_decay_rate="(0, 1]", momentum="[0, 1)",
               weight_decay="[0, inf)", max_grad_norm="(0, inf)", value_loss_coeff="[0, inf)",
@@ -401,9 +397,7 @@ def resolve_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-# ---------------------------------------------------------------------------------------------
-# The checkpoint file: one dict (nanoGPT style), versioned, written atomically
-# ---------------------------------------------------------------------------------------------
+# ---- the checkpoint file: one dict (nanoGPT style), versioned, written atomically ----
 
 CKPT_VERSION = 2  # 1 (no "version" key): before per-depth BatchNorm statistics and the saved running episodes
 CKPT_KEYS = {"version", "kind", "model", "target_model", "target_snapshot", "selfplay_model", "optimizer", "scaler",
