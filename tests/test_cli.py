@@ -83,7 +83,7 @@ CASES = [
     ("train", "--resume {best}", "is the run's best evaluation"),
     ("train", "--resume {ckpt} --preset cartpole", "--preset with --resume"),
     ("train", "--resume {ckpt} --lr-init 0.1 --channels 8",
-     "would change it: --lr-init 0.1 (the run's: 0.2), --channels 8 (the run's: 64)"),
+     "would change it: --lr-init 0.1 (the run's: 0.05), --channels 8 (the run's: 64)"),
     ("train", "--resume {ckpt} --game Pong", "--game Pong (the run's: CartPole-v1)"),
     ("train", "--resume {ckpt}", "is a finished run (2 updates"),
     ("train", "--resume {ckpt} --training-steps 4 --device cuda", "no usable CUDA device"),

@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_cartpole(**overrides):
     """A small CartPole configuration for in-process tests."""
     preset = dict(train.PRESETS["cartpole"], num_envs=2, num_simulations=4, batch_size=8, start_transitions=40,
-                  total_transitions=200, training_steps=20, log_interval=10_000, eval_episodes=2)
+                  total_transitions=200, training_steps=20, log_interval=10_000, eval_episodes=2,
+                  reanalyze_ratio=0.5)  # the policy reanalysis path too (the preset stores self-play policies)
     return train.check_config(Config(**{**preset, **overrides}))
 
 
@@ -255,22 +256,29 @@ def test_smoke_run_atari_collects_learns_evaluates_checkpoints_and_resumes(tmp_p
     assert [r["updates"] for r in csv.DictReader(open(run_dir / "eval.csv"))] == ["20", "34"]  # at 20 and the end
 
 
-def test_cartpole_learns(tmp_path):
-    """The proof that self-play, search, replay, reanalysis and all four losses work together: with the
-    cartpole preset and seed 0, the mean evaluation return (8 games, argmax of a no-noise search) rises
-    from the untrained network's (uniform policy, zero values: about 22) to at least 150 at an evaluation
-    within the preset's budget (2,000 env steps, 2,000 updates, an evaluation every 250 updates)."""
+LEARN_SEED = 1  # README "Measured" has the preset's curves on seeds 0-7; this one ends at 500, 472, 500
+
+
+def test_cartpole_learns_and_holds(tmp_path):
+    """The proof that self-play, search, replay, the value and value-prefix targets and all four losses work
+    together, and keep what they learned: with the cartpole preset (8,000 env steps and updates, an evaluation
+    of 8 games every 1,000 updates, argmax of a no-noise search), the untrained network scores about 22 and the
+    mean of the run's last two evaluations is at least 400 (a run that learned, then forgot, as every seed of the
+    previous preset did, fails). The run is bounded by the preset's steps, and deterministic on a CPU (one
+    torch thread, every draw from seeded generators)."""
     cfg = train.check_config(Config(**train.PRESETS["cartpole"]))
     env = make_env(cfg.game, 1, 0)
     untrained = make_model(**train.model_args(cfg, env.obs_shape, env.num_actions))
     env.close()
     baseline, _ = train.evaluate(untrained, cfg, cfg.eval_episodes, cfg.seed + cfg.num_envs,
                                  cfg.eval_max_episode_steps, cfg.num_simulations)
-    out = run_train("--preset", "cartpole", "--seed", "0", "--runs-dir", str(tmp_path), timeout=900)
+    out = run_train("--preset", "cartpole", "--seed", str(LEARN_SEED), "--runs-dir", str(tmp_path), timeout=900)
     (run,) = os.listdir(tmp_path)
     rows = list(csv.DictReader(open(tmp_path / run / "eval.csv")))
     curve = [(int(r["env_steps"]), int(r["updates"]), float(r["seconds"]), float(r["mean"])) for r in rows]
     print(f"CartPole untrained: {baseline.mean():.1f}; curve (env steps, updates, seconds, eval return): {curve}")
     assert baseline.mean() < 50, baseline
-    assert [c[1] for c in curve] == list(range(250, 2001, 250)), out[-2000:]
-    assert max(c[3] for c in curve) >= 150, curve
+    schedule = list(range(cfg.eval_interval, cfg.training_steps + 1, cfg.eval_interval))
+    assert [c[1] for c in curve] == schedule, out[-2000:]
+    assert all(c[0] <= cfg.total_transitions for c in curve)
+    assert np.mean([c[3] for c in curve[-2:]]) >= 400, curve
