@@ -79,6 +79,8 @@ def _select(visit_count, value_sum, value_prefix, parent, action, depth, is_rese
             # sum Q / n (0 if none)
             mean_q = (parent_q + sum_q) / max(f32(n_kids + (1 if node != ROOT else 0)), f32(1.0))
             # ucb_score = pb_c(N_s) / (n(a) + 1) * P(a) + clamp((Q - lo) / scale, 0, 1)
+            if not 0 <= visit_count[b, node] < pb_c.shape[0]:  # (no bounds checks: pb_c has N + 1 entries)
+                raise ValueError("select: a visit count above N (a tree used without reset_tree?)")
             node_pb_c = pb_c[visit_count[b, node]]
             best = f32(-np.inf)
             for a in range(A):
@@ -111,6 +113,8 @@ def _expand_backup(visit_count, value_sum, value_prefix, parent, action, depth, 
     for b in range(B):
         # expand
         p, vp = leaf_parent[b], leaf_value_prefix[b]
+        if not (0 <= p < node and 0 <= leaf_action[b] < A):  # (no bounds checks below)
+            raise ValueError("expand_backup: a parent node or an action out of range")
         d = depth[b, p] + 1
         parent[b, node], action[b, node], depth[b, node] = p, leaf_action[b], d
         is_reset[b, node] = 1 if d % lstm_horizon_len == 0 else 0  # LSTM reset at depth 5, 10, ...
@@ -202,7 +206,8 @@ def _views(tree):
 
 
 def _f32(t, *shape):
-    """A float32 C-contiguous numpy view (or copy) of t, reshaped."""
+    """A float32 C-contiguous numpy view (or copy) of t, reshaped (an error where the size differs: the loops
+    do not check their bounds)."""
     return t.float().reshape(shape).contiguous().numpy()
 
 
@@ -221,7 +226,7 @@ def expand_backup(tree, node, parent_node, action, value_prefix, value, policy_l
     B, N, A = tree.children.shape
     node = int(node)
     assert 0 < node < N, f"node {node} outside 1..{N - 1}"
-    leaf = torch.stack([parent_node.long(), action.long()]).numpy()
+    leaf = torch.stack([parent_node.long(), action.long()]).reshape(2, B).numpy()
     prior = torch.softmax(policy_logits.float(), -1)  # [B, A], as the reference computes it
     _expand_backup(*_views(tree), node, leaf[0], leaf[1], _f32(value_prefix, B), _f32(value, B), _f32(prior, B, A),
                    f32(gamma), int(lstm_horizon_len))
@@ -234,15 +239,15 @@ def simulate(tree, model, loop, pb_c_base, pb_c_init, gamma, value_delta_max, ls
         return loop()
     B, N, A = tree.children.shape
     arrays, consts = _views(tree), _constants(N, pb_c_base, pb_c_init, gamma, value_delta_max)
-    latent_shape, H = tree.latent.shape[2:], tree.lstm_h.shape[2]
+    latent_shape, L, H = tree.latent.shape[2:], tree.latent[0, 0].numel(), tree.lstm_h.shape[2]
     states = [t.view(B * N, -1).numpy() for t in (tree.latent, tree.lstm_h, tree.lstm_c)]  # [B * N, L or H]
     for i in range(1, N):
         leaf = torch.empty(3, B, dtype=torch.int64)  # new tensors every time: the model may keep its inputs
         x, h, c = torch.empty(B, *latent_shape), torch.empty(B, H), torch.empty(B, H)
-        _select_gather(*arrays, *consts, leaf.numpy(), *states, x.view(B, -1).numpy(), h.numpy(), c.numpy())
+        _select_gather(*arrays, *consts, leaf.numpy(), *states, x.view(B, L).numpy(), h.numpy(), c.numpy())
         parent, action, depth = leaf.unbind(0)
         out = model.recurrent_inference(x, (h, c), action, depth)  # depth: BatchNorm statistics of that depth
         prior = torch.softmax(out.policy_logits.float(), -1)  # [B, A], as the reference computes it
         _store_expand_backup(*arrays, i, leaf.numpy(), _f32(out.value_prefix, B), _f32(out.value, B),
                              _f32(prior, B, A), consts[1], int(lstm_horizon_len), *states,
-                             _f32(out.latent, B, -1), _f32(out.lstm_state[0], B, H), _f32(out.lstm_state[1], B, H))
+                             _f32(out.latent, B, L), _f32(out.lstm_state[0], B, H), _f32(out.lstm_state[1], B, H))

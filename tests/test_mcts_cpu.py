@@ -121,8 +121,19 @@ def test_select_and_expand_backup_step_by_step(B, A, S, horizon):
     assert trees[1].depth.max() >= horizon and trees[1].is_reset.sum() > 0
 
 
-def test_wrong_tree_dtypes_are_refused():
+def test_bad_input_is_refused():
+    """The loops do not check their bounds, so the wrappers and the loops check what they are given."""
     tree = mcts.make_tree(2, 3, 2, (1,), 1, "cpu")
+    leaf = [torch.zeros(2), torch.zeros(2), torch.zeros(2, 2), GAMMA, 5]
+    with pytest.raises(ValueError, match="a parent node or an action out of range"):
+        mcts_cpu.expand_backup(tree, 1, torch.tensor([0, 1]), torch.tensor([0, 1]), *leaf)  # node 1 under node 1
+    with pytest.raises(ValueError, match="a parent node or an action out of range"):
+        mcts_cpu.expand_backup(tree, 1, torch.tensor([0, 0]), torch.tensor([0, 2]), *leaf)  # action 2 of 2
+    with pytest.raises(RuntimeError):  # 3 parents for 2 trees
+        mcts_cpu.expand_backup(tree, 1, torch.tensor([0, 0, 0]), torch.tensor([0, 0, 0]), *leaf)
+    tree.visit_count[1, 0] = 4  # N = 3
+    with pytest.raises(ValueError, match="a visit count above N"):
+        mcts_cpu.select(tree, 19652, 1.25, GAMMA, 0.01)
     tree.value_sum = tree.value_sum.double()
     with pytest.raises(ValueError, match="tree.value_sum is torch.float64"):
         mcts_cpu.select(tree, 19652, 1.25, GAMMA, 0.01)
