@@ -8,11 +8,11 @@
 
 search: whole `mcts.search` calls (root given), median and min/max over repeats after warm-up, cases
 interleaved in rounds so that slow phases of a busy machine hit all alike. Defaults: on a CPU the README's
-LightZero comparison (tree-only, A 9, N 50, B 16 64 256, torch: seconds); on CUDA both settings, A 9 and
-18, N 50, B 16 256 1536, triton and torch, CUDA graphs on and off. tree-only is that comparison's fake
-model (same weights, numpy default_rng(0)): latent D = 8, next = tanh(W[a] @ latent), linear heads for
-policy logits, value and value prefix (both through h^-1), LSTM state (next, c). atari-net is model.py's
-Atari network with random weights (minutes per case on a CPU). --share times the tree operations too.
+LightZero comparison (tree-only, A 9, N 50, B 16 64 256, auto (numba), torch: seconds); on CUDA both settings,
+A 9 and 18, N 50, B 16 256 1536, triton and torch, CUDA graphs on and off. tree-only is that comparison's fake
+model (same weights, numpy default_rng(0)): latent D = 8, next = tanh(W[a] @ latent), linear heads for policy
+logits, value and value prefix (both through h^-1), LSTM state (next, c). atari-net is model.py's Atari
+network with random weights (minutes per case on a CPU). --share times the tree operations too.
 kernels: B trees filled through both backends, identical after every step, then timed (on a CPU with
 TRITON_INTERPRET=1: correct, slow, timings meaningless).
 train: learner_step and selfplay_step of train.py after a random fill of the buffer, in rounds of
@@ -131,8 +131,9 @@ class SearchCase:
 @contextlib.contextmanager
 def tree_clock(device, on):
     """Times the tree operations (select, expand_backup) inside eager searches (a CUDA graph replays without
-    calling them): CUDA events around every call (no sync) or the CPU clock. Yields ms_so_far()."""
-    cuda, spans, saved = device.type == "cuda", [], mcts._tree_ops
+    calling them): CUDA events around every call (no sync) or the CPU clock. Yields ms_so_far(). (numba: the
+    two calls of its fused loop, which also gather and store the latents and LSTM states.)"""
+    cuda, spans, saved, cpu = device.type == "cuda", [], mcts._tree_ops, sys.modules.get("mcts_cpu")
 
     def stamp():
         if not cuda:
@@ -148,19 +149,23 @@ def tree_clock(device, on):
             return out
         return timed
 
-    if on:
-        mcts._tree_ops = lambda backend, dev: tuple(map(wrap, saved(backend, dev)))
+    patches = [(mcts, "_tree_ops", lambda backend, dev: tuple(map(wrap, saved(backend, dev))))] + [
+        (cpu, name, wrap(getattr(cpu, name))) for name in ("_select_gather", "_store_expand_backup") if cpu]
+    originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, fn in patches if on else []:
+        setattr(module, name, fn)
     try:
         yield lambda: sum(s.elapsed_time(e) if cuda else 1e3 * (e - s) for s, e in spans)
     finally:
-        mcts._tree_ops = saved
+        for module, name, fn in originals:
+            setattr(module, name, fn)
 
 
 def bench_search(args):
     cuda = torch.device(args.device).type == "cuda"
     defaults = dict(settings=["tree-only", "atari-net"] if cuda else ["tree-only"], B=[16, 256, 1536] if cuda else
                     [16, 64, 256], N=[50], A=[9, 18] if cuda else [9], backend=["triton", "torch"] if cuda else
-                    ["torch"], graphs=["on", "off"] if cuda else ["off"])
+                    ["auto", "torch"], graphs=["on", "off"] if cuda else ["off"])
     vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cases = [SearchCase(args, s, B, N, A, backend, graphs == "on") for s in args.settings for B in args.B
@@ -404,7 +409,7 @@ def main():
     for name, help in (("--B", "roots"), ("--N", "simulations"), ("--A", "actions")):
         s.add_argument(name, type=int, nargs="+", help=help)
     s.add_argument("--settings", "--setting", nargs="+", choices=["tree-only", "atari-net"])
-    s.add_argument("--backend", nargs="+", choices=["auto", "torch", "triton"])
+    s.add_argument("--backend", nargs="+", choices=["auto", "torch", "triton", "numba"])
     s.add_argument("--graphs", nargs="+", choices=["on", "off"], help="CUDA graphs (CUDA only)")
     s.add_argument("--share", action="store_true", help="also time the tree operations (eager searches)")
     s.add_argument("--repeats", type=int, default=15, help="timed searches per case")

@@ -133,7 +133,7 @@ class Config:
     lstm_horizon_len: int = 5
     """zeta: the value prefix restarts every zeta steps of an unroll or a search path"""
     search_backend: str = "auto"
-    """"torch", "triton" or "auto" (triton on CUDA)"""
+    """"torch", "triton", "numba" or "auto" (triton on CUDA, numba on the CPU if installed, else torch)"""
     cuda_graphs: bool = True
     """on CUDA, record each search's simulation loop in a CUDA graph once per network and search size and replay
     it (mcts.py "CUDA graphs"); --no-cuda-graphs runs it eagerly"""
@@ -316,14 +316,15 @@ def check_device(name):
 
 
 def check_backend(backend, device):
-    if backend not in ("auto", "torch", "triton"):
-        raise UsageError(f"--search-backend {backend!r}: use auto, torch or triton")
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError("--search-backend triton needs a CUDA device (TRITON_INTERPRET=1 runs its kernels on "
-                             "the CPU, slowly, for tests); use --search-backend torch or auto")
-        if importlib.util.find_spec("triton") is None:
-            raise UsageError("--search-backend triton: triton is not installed; pip install triton, or use torch")
+    if backend not in ("auto", "torch", "triton", "numba"):
+        raise UsageError(f"--search-backend {backend!r}: use auto, torch, triton or numba")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--search-backend triton needs a CUDA device (TRITON_INTERPRET=1 runs its kernels on "
+                         "the CPU, slowly, for tests); use --search-backend torch or auto")
+    if backend == "numba" and device.type != "cpu":
+        raise UsageError(f"--search-backend numba runs on the CPU only, not on {device}; use triton or auto")
+    if backend in ("triton", "numba") and importlib.util.find_spec(backend) is None:
+        raise UsageError(f"--search-backend {backend}: {backend} is not installed; pip install {backend}, or use torch")
 
 
 def check_config(cfg):

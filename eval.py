@@ -200,7 +200,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, metavar="N", default=0, help="game j is seeded seed + j (EZ_SPEC §7.1: 0..31)")
     p.add_argument("--device", default="auto", metavar="NAME", help='"auto" = cuda when available, else cpu')
     p.add_argument("--search-backend", default="auto", metavar="NAME",
-                   help='"torch", "triton" or "auto" (triton on CUDA)')
+                   help='"torch", "triton", "numba" or "auto" (triton on CUDA, else numba if installed)')
     p.add_argument("--video", metavar="OUT.mp4", help="write an H.264 mp4 of the first game (Atari only)")
     p.add_argument("--csv", metavar="EVAL.csv", help="append the result here (default: the run's eval.csv)")
     p.add_argument("--depth-gap", action="store_true",

@@ -1,10 +1,10 @@
 """Batched MCTS of EfficientZero (Ye et al. 2021, arXiv:2111.00210) over preallocated tensors.
 
-What: B search trees grown side by side, one batched `recurrent_inference` per simulation for all
-of them. The tree is a struct of tensors (mctx style): node 0 is the root, the node expanded by
-simulation i is node i, so nothing is allocated inside the search. This file holds the readable
-PyTorch reference of the two tree operations, `select` and `expand_backup`; `mcts_kernel.py` holds
-Triton kernels with the same arguments and results (picked with `backend=`).
+What: B search trees grown side by side, one batched `recurrent_inference` per simulation for all of them.
+The tree is a struct of tensors (mctx style): node 0 is the root, the node expanded by simulation i is
+node i, so nothing is allocated inside the search. This file holds the readable PyTorch reference of the two
+tree operations, `select` and `expand_backup`; `mcts_kernel.py` holds Triton kernels (GPU) and `mcts_cpu.py`
+numba loops (CPU) with the same arguments and results (picked with `backend=`).
 
 Spec: EZ_SPEC.md §3 (MCTS: constants, root expansion, pUCT, parent mean Q, min-max, value prefix,
 LSTM reset, backup, outputs, action selection); DESIGN.md "The search tree", "Search semantics".
@@ -35,6 +35,8 @@ Differences from the original EfficientZero search (core/ctree), each decided in
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -93,9 +95,7 @@ def reset_tree(tree: Tree) -> None:
     tree.min_max[:, 1] = MAX_INIT
 
 
-# ---------------------------------------------------------------------------------------------
-# Random numbers on the device from an explicit generator (no host sync)
-# ---------------------------------------------------------------------------------------------
+# ---- Random numbers on the device from an explicit generator (no host sync) ----
 def sample_gamma(alpha: float, shape, generator, device, proposals: int = 8) -> torch.Tensor:
     """Gamma(alpha, 1) variates, returned as their logarithm (Gamma(0.3) underflows float32).
 
@@ -126,9 +126,7 @@ def sample_dirichlet(alpha: float, B: int, A: int, generator, device) -> torch.T
     return torch.softmax(sample_gamma(alpha, (B, A), generator, device), dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The PyTorch reference of the two tree operations (same arguments as mcts_kernel.py)
-# ---------------------------------------------------------------------------------------------
+# ---- The PyTorch reference of the two tree operations (same arguments as mcts_kernel.py) ----
 def _host_reads(device: torch.device) -> bool:
     """May the search read a value on the host? On the CPU (nothing to wait for) the depth loops stop once
     every tree is done; on CUDA they run a fixed number of levels, no host sync (trees done stay put)."""
@@ -263,25 +261,31 @@ def expand_backup(tree: Tree, node: int, parent_node, action, value_prefix, valu
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Backend "auto" is "triton" for CUDA tensors, else "torch" (triton on CPU needs TRITON_INTERPRET=1)."""
+    """Backend "auto" is "triton" for CUDA tensors, else "numba" where numba imports, else "torch"."""
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        return "triton" if torch.device(device).type == "cuda" else "numba" if _numba_imports() else "torch"
     return backend
+
+
+@functools.cache
+def _numba_imports() -> bool:
+    try:
+        return importlib.import_module("mcts_cpu") is not None
+    except ImportError:  # numba missing, or too old or new for this numpy
+        return False
 
 
 def _tree_ops(backend: str, device: torch.device):
     backend = resolve_backend(backend, device)
     if backend == "torch":
         return select, expand_backup
-    if backend == "triton":
-        import mcts_kernel  # lazily: the torch path works without Triton
-        return mcts_kernel.select, mcts_kernel.expand_backup
-    raise ValueError(f"unknown backend {backend!r}")
+    if backend not in ("triton", "numba"):
+        raise ValueError(f"unknown backend {backend!r}")
+    module = importlib.import_module({"triton": "mcts_kernel", "numba": "mcts_cpu"}[backend])  # lazily (torch: neither)
+    return module.select, module.expand_backup
 
 
-# ---------------------------------------------------------------------------------------------
-# The search (EZ_SPEC §3): root, then num_simulations x (select, recurrent_inference, expand_backup)
-# ---------------------------------------------------------------------------------------------
+# ---- The search (EZ_SPEC §3): root, then num_simulations x (select, recurrent_inference, expand_backup) ----
 class SearchResult(NamedTuple):
     visit_counts: torch.Tensor  # [B, A] int32, root children visits, sum to num_simulations
     root_values: torch.Tensor  # [B] f32 value_sum / visit_count of the root
@@ -310,8 +314,7 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
     graph ("CUDA graphs" below); the tree is then the one cached with the graph (tree= is ignored)
     and is overwritten by the next search of the same model and size.
     """
-    B, A = root.policy_logits.shape
-    N = num_simulations + 1
+    (B, A), N = root.policy_logits.shape, num_simulations + 1
     device = root.policy_logits.device
     backend = resolve_backend(backend, device)
     select_fn, expand_backup_fn = _tree_ops(backend, device)
@@ -362,6 +365,9 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
                                  out.value.float().contiguous(), out.policy_logits.float().contiguous(),
                                  gamma, lstm_horizon_len)
 
+        if backend == "numba":  # the loop above, the gathers and stores fused into the numba tree operations
+            simulate = functools.partial(importlib.import_module("mcts_cpu").simulate, tree, model, simulate, pb_c_base,
+                                         pb_c_init, gamma, value_delta_max, lstm_horizon_len)
         if graphed is None:
             simulate()
         else:
@@ -375,9 +381,7 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
     return SearchResult(visit_counts.clone(), root_values.clone(), tree)
 
 
-# ---------------------------------------------------------------------------------------------
-# CUDA graphs of the simulation loop (on by default on CUDA; search(cuda_graphs=False) turns them off)
-# ---------------------------------------------------------------------------------------------
+# ---- CUDA graphs of the simulation loop (on by default on CUDA; search(cuda_graphs=False) turns them off) ----
 # A search launches thousands of small kernels, whose CPU cost exceeds the GPU's work at small B. The
 # loop has a fixed shape and no host sync, touches only the Tree and the model's weights, and draws no
 # random numbers (root noise and tie-break keys come first), so it is recorded once per (model, search

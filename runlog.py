@@ -106,7 +106,7 @@ def run_record(device, backend):
     except (OSError, subprocess.SubprocessError):
         commit = "unknown (no git)"
     versions = {"python": platform.python_version()}
-    for package in ("torch", "triton", "ale-py", "gymnasium", "numpy"):
+    for package in ("torch", "triton", "numba", "ale-py", "gymnasium", "numpy"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

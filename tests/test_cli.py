@@ -54,7 +54,7 @@ CASES = [
     ("train", "--device tpu", "--device 'tpu' is not a device name"),
     ("train", "--device mps", "only cpu and cuda are supported"),
     ("train", "--search-backend triton", "--search-backend triton needs a CUDA device"),
-    ("train", "--search-backend numba", "use auto, torch or triton"),
+    ("train", "--search-backend numpy", "use auto, torch, triton or numba"),
     ("train", "--channels 0", "--channels is 0; it must be at least 1"),
     ("train", "--support-size 0", "--support-size is 0; it must be at least 1"),
     ("train", "--torch-threads -1", "--torch-threads is -1; it must be 0 or more"),
@@ -139,3 +139,17 @@ def test_old_checkpoints_still_evaluate(files, tmp_path):
     scores = evaluation.main(["--ckpt", os.path.join(files["dir"], "old.pt"), "--episodes", "1",
                               "--num-simulations", "2", "--csv", str(tmp_path / "eval.csv")])
     assert scores.shape == (1,) and len(open(tmp_path / "eval.csv").read().splitlines()) == 2   # header, row
+
+
+def test_search_backend_numba_needs_the_cpu_and_numba(monkeypatch):
+    """check_backend alone: a CUDA device (not reachable from the command line on a CPU-only machine) and a
+    machine without numba (find_spec answering None)."""
+    import importlib.util
+
+    from config import UsageError, check_backend
+    check_backend("numba", torch.device("cpu")) if importlib.util.find_spec("numba") else None
+    with pytest.raises(UsageError, match="numba runs on the CPU only, not on cuda"):
+        check_backend("numba", torch.device("cuda"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UsageError, match="numba is not installed; pip install numba, or use torch"):
+        check_backend("numba", torch.device("cpu"))

@@ -2,6 +2,7 @@
 (tests/mcts_oracle.py), and the invariants of DESIGN.md (visits sum to N, batch independence,
 same seed same result, noise only when asked), the Dirichlet sampler and select_action."""
 import contextlib
+import importlib.util
 import math
 import os
 
@@ -61,17 +62,22 @@ class LinearModel:
         return NetworkOutput(latent, (zeros, zeros.clone()), torch.zeros(B), value, logits, None, None)
 
 
-def run(model, root, n, seed=0, **kw):
-    return mcts.search(model, root, n, generator=torch.Generator().manual_seed(seed), backend="torch",
+def run(model, root, n, seed=0, backend="torch", **kw):
+    return mcts.search(model, root, n, generator=torch.Generator().manual_seed(seed), backend=backend,
                        **{**dict(add_noise=True), **kw})
 
 
 # ---------------------------------------------------------------------------------------------
 # A tree worked out by hand
 # ---------------------------------------------------------------------------------------------
+NUMBA = pytest.param("numba", marks=pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                                      reason="numba is not installed"))
+CPU_BACKENDS = ["torch", NUMBA]  # whole searches on the CPU (the Triton interpreter is slow: test_mcts_kernel.py)
+
+
 def _backends():
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    return ["torch", NUMBA, pytest.param("triton", marks=pytest.mark.skipif(
         not (interpret or torch.cuda.is_available()), reason="triton needs CUDA or TRITON_INTERPRET=1"))]
 
 
@@ -210,11 +216,12 @@ def test_min_max_floor_and_clamp(backend):
 # ---------------------------------------------------------------------------------------------
 # The batched reference against the per-node oracle
 # ---------------------------------------------------------------------------------------------
-def test_reference_matches_oracle_on_deep_trees():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_reference_matches_oracle_on_deep_trees(backend):
     B, A, n = 12, 4, 50
     model = LinearModel(A, seed=1)
     root = model.initial_inference(B, seed=2)
-    res = run(model, root, n, seed=3)
+    res = run(model, root, n, seed=3, backend=backend)
     tree = res.tree
     max_depth = 0
     for b in range(B):
@@ -235,10 +242,11 @@ def test_reference_matches_oracle_on_deep_trees():
     assert max_depth > 5, "the fake model must grow trees past the LSTM reset at depth 5"
 
 
-def test_lstm_state_zeroed_at_reset_nodes():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lstm_state_zeroed_at_reset_nodes(backend):
     B, A, n = 8, 4, 50
     model = LinearModel(A, seed=1)
-    tree = run(model, model.initial_inference(B, seed=2), n).tree
+    tree = run(model, model.initial_inference(B, seed=2), n, backend=backend).tree
     reset = tree.depth % 5 == 0
     reset[:, 0] = False
     assert reset.any(), "no node at depth 5"
@@ -265,17 +273,19 @@ def test_fixed_trip_count_path_gives_the_same_tree(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Invariants (DESIGN.md "Search semantics")
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("B,A,n", [(1, 2, 1), (5, 3, 16), (16, 9, 50), (3, 18, 7)])
-def test_root_visits_sum_to_num_simulations(B, A, n):
+def test_root_visits_sum_to_num_simulations(B, A, n, backend):
     model = LinearModel(A, seed=B)
-    res = run(model, model.initial_inference(B, seed=A), n)
+    res = run(model, model.initial_inference(B, seed=A), n, backend=backend)
     assert res.visit_counts.dtype == torch.int32 and res.visit_counts.shape == (B, A)
     assert (res.visit_counts.sum(1) == n).all()
     assert (res.tree.visit_count[:, 0] == n + 1).all()
     assert res.root_values.shape == (B,) and torch.isfinite(res.root_values).all()
 
 
-def test_batch_independence():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batch_independence(backend):
     B, A, n = 6, 5, 30
     model = LinearModel(A, seed=7)
     root = model.initial_inference(B, seed=8)
@@ -285,7 +295,7 @@ def test_batch_independence():
     changed.latent[j] = other.latent[j]
     changed.policy_logits[j] = other.policy_logits[j]
     changed.value[j] = other.value[j]
-    a, b = run(model, root, n), run(model, changed, n)
+    a, b = run(model, root, n, backend=backend), run(model, changed, n, backend=backend)
     keep = [i for i in range(B) if i != j]
     assert not torch.equal(a.tree.value_sum[j], b.tree.value_sum[j])
     assert torch.equal(a.visit_counts[keep], b.visit_counts[keep])
@@ -351,8 +361,13 @@ def test_select_action():
 
 def test_backend_switch():
     cpu = torch.device("cpu")
-    assert mcts._tree_ops("auto", cpu) == (mcts.select, mcts.expand_backup)
+    numba = importlib.util.find_spec("numba") is not None  # "auto" on a CPU: numba where it is installed
+    assert mcts.resolve_backend("auto", cpu) == ("numba" if numba else "torch")
+    assert mcts.resolve_backend("auto", torch.device("cuda")) == "triton"
     assert mcts._tree_ops("torch", torch.device("cuda")) == (mcts.select, mcts.expand_backup)
+    if numba:
+        import mcts_cpu
+        assert mcts._tree_ops("auto", cpu) == (mcts_cpu.select, mcts_cpu.expand_backup)
     with pytest.raises(ValueError):
         mcts._tree_ops("numpy", cpu)
 

@@ -5,6 +5,8 @@
 - One self-play step: only the env boundary, named below (observations in, actions out).
 - One learner update, reanalysis included: none. Logging (train.py's progress line) is outside
   learner_step and selfplay_step, so no logging point is allowed here.
+The numba backend is CPU-only and reads the tree on the host by design: its search is skipped, and the self-play
+and learner checks search with the torch backend, as a stand-in for the device's ("auto" is numba on a CPU).
 """
 import os
 
@@ -21,7 +23,9 @@ from nosync import HostSyncs, mark_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRET, reason="the Triton backend runs on a CPU only under TRITON_INTERPRET=1"))]
+    not INTERPRET, reason="the Triton backend runs on a CPU only under TRITON_INTERPRET=1")),
+            pytest.param("numba", marks=pytest.mark.skip(reason="the numba backend runs on the CPU only and reads the "
+                                                          "tree on the host by design (no device to wait for)"))]
 NETS = {"mlp": lambda A: make_model((6,), A, hidden=16, latent_dim=8, lstm_hidden=8, support_size=10, proj_hid=8,
                                     proj_out=8, pred_hid=8, pred_out=8),
         "atari": lambda A: make_model((12, 32, 32), A, channels=8, reduced_channels=4, fc_hidden=8, lstm_hidden=16,
@@ -83,7 +87,8 @@ def test_the_checker_finds_syncs():
 def _run_state(preset, **overrides):
     cfg = check_config(Config(**{**PRESETS[preset], "num_envs": 2, "num_simulations": 4, "batch_size": 4,
                                  "start_transitions": 40, "total_transitions": 200, "training_steps": 20,
-                                 "reanalyze_ratio": 0.5, "device": "cpu", **overrides}))  # policy reanalysis on
+                                 "reanalyze_ratio": 0.5, "device": "cpu", "search_backend": "torch",  # as on CUDA
+                                 **overrides}))
     env = make_env(cfg.game, cfg.num_envs, cfg.seed, train=True, max_episode_steps=cfg.max_episode_steps)
     st = train.build(cfg, env, torch.device("cpu"))
     obs = train.fill_random(st, env, env.reset(), cfg.start_transitions)  # random play, no search
