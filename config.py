@@ -1,6 +1,5 @@
-"""The configuration of a run: `Config` (the paper's values), presets, the command line, validation (one
-UsageError line per bad input), the rules of --resume, and the checkpoint file (one versioned dict with the
-config inside, written atomically).
+"""The configuration of a run: `Config` (the paper's values), presets, the command line, validation (one UsageError
+line per bad input), the rules of --resume, and the checkpoint file (one versioned dict, written atomically).
 
 Paper: Ye et al. 2021, "Mastering Atari Games with Limited Data" (arXiv:2111.00210). Every value in
 `Config` cites EZ_SPEC.md (the official code's values, read from its HEAD 468bb03, with sources).
