@@ -7,14 +7,14 @@ tree operations, `select` and `expand_backup`; `mcts_kernel.py` holds Triton ker
 numba loops (CPU) with the same arguments and results (picked with `backend=`).
 
 Spec: EZ_SPEC.md §3 (MCTS: constants, root expansion, pUCT, parent mean Q, min-max, value prefix,
-LSTM reset, backup, outputs, action selection); DESIGN.md "The search tree", "Search semantics".
+LSTM reset, backup, outputs, action selection).
 MuZero pseudocode names (arXiv:1911.08265 App. B): ucb_score, backpropagate, MinMaxStats,
 pb_c_init, pb_c_base.
 
 Shape letters: B trees (roots) in the batch, N = num_simulations + 1 node slots per tree,
 A actions, H the LSTM hidden size; latents are [B, N, *latent_shape].
 
-Differences from the original EfficientZero search (core/ctree), each decided in DESIGN.md:
+Differences from the original EfficientZero search (core/ctree), each on purpose (README "Differences"):
 1. pUCT uses N_s = the node's own visit count (the root starts at 1, a leaf's first visit is its
    own backed-up value), as MuZero's pseudocode and mctx; the original uses visit_count - 1, which
    zeroes the prior term on a node's first descent and leaves that choice to the tie-break.

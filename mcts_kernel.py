@@ -16,7 +16,7 @@ next power of 2 of A, masked), which fits one warp for Atari's A <= 18. B progra
 each keep every SM busy for the B (hundreds to thousands) roots of self-play and reanalysis.
 
 The tree layout and the exact semantics are the contract shared with the PyTorch reference in
-mcts.py (DESIGN.md "The search tree", "Search semantics"): node i of every tree is made by
+mcts.py (its docstring and the Tree fields): node i of every tree is made by
 simulation i, children == -1 marks an unexpanded edge, all tree ints are int32, and the kernels
 index everything with int64 offsets from base pointers (no loaded pointers, so the same code
 runs under TRITON_INTERPRET=1 on the CPU, which is how the tests check it against mcts.py).

@@ -1,6 +1,6 @@
 """A slow, obvious, one-tree-at-a-time EfficientZero MCTS, written from the pseudocode (MuZero
 arXiv:1911.08265 App. B: Node, MinMaxStats, select_child, ucb_score, backpropagate) with the
-search semantics of DESIGN.md / EZ_SPEC.md §3. Test oracle for mcts.py: Python floats, Node
+search semantics of mcts.py's docstring / EZ_SPEC.md §3. Test oracle for mcts.py: Python floats, Node
 objects with a children dict, no tensors except at the model call.
 
 The random parts are inputs, so that a batched search and this oracle can be compared exactly:

@@ -1,5 +1,5 @@
 """Tests of mcts.py: a hand-computed tree, the batched reference against the per-node oracle
-(tests/mcts_oracle.py), and the invariants of DESIGN.md (visits sum to N, batch independence,
+(tests/mcts_oracle.py), and the search's invariants (visits sum to N, batch independence,
 same seed same result, noise only when asked), the Dirichlet sampler and select_action."""
 import contextlib
 import importlib.util
@@ -271,7 +271,7 @@ def test_fixed_trip_count_path_gives_the_same_tree(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Invariants (DESIGN.md "Search semantics")
+# Invariants of the search
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("B,A,n", [(1, 2, 1), (5, 3, 16), (16, 9, 50), (3, 18, 7)])

@@ -248,7 +248,7 @@ def cuda_checks():
     B, A, S, device = 256, 18, 50, "cuda"
     model, root = FakeModel(A, seed=0, device=device), fake_root(B, A, seed=1, device=device)
     out = {}
-    # 1. A whole search with no host sync (DESIGN.md "Devices"), eager and replayed from its CUDA
+    # 1. A whole search with no host sync, eager and replayed from its CUDA
     #    graph, against the torch backend.
     for _ in range(2):  # compile, then capture the graph, outside the check
         run_search("triton", model, root, S, seed=2, add_noise=True)
