@@ -288,29 +288,33 @@ def learner_step(st, cfg):
 
 def measure_pace(cfg, device):
     """Time a throwaway copy of the run on envs it never uses, leaving the global random state as it was: a buffer
-    of random play, then 3 self-play steps and 2 updates at batch min(B, 8) (the first of each pays one-off
-    costs). -> (seconds per self-play step, seconds per update scaled to batch B)."""
-    b = min(cfg.batch_size, 8)
+    of random play, 3 self-play steps and 2 updates at batch min(B, 8) (the first of each pays one-off costs), then
+    2 at batch B if that is cheap (under 2 s by linear scaling). -> (seconds per self-play step, seconds per update
+    at batch B: measured, or scaled linearly from batch 8, an upper bound for a network whose cost grows slower)."""
+    b, B = min(cfg.batch_size, 8), cfg.batch_size
     window = cfg.num_envs * (cfg.num_unroll_steps + cfg.td_steps)
-    small = dataclasses.replace(cfg, batch_size=b, total_transitions=b + window + 4 * cfg.num_envs)
+    small = dataclasses.replace(cfg, total_transitions=B + window + 4 * cfg.num_envs)
     state = random.getstate(), np.random.get_state()
     env = make_env(cfg.game, cfg.num_envs, 2 ** 30, train=True, max_episode_steps=cfg.max_episode_steps)
     with torch.random.fork_rng(devices=[]):
         st = build(small, env, device)
-        obs, tree = fill_random(st, env, env.reset(), b + window), None
-        st.updates, step_s, update_s = 1, [], []     # searched actions, as after the random warm-up
+        obs, tree = fill_random(st, env, env.reset(), B + window), None
+        st.updates, step_s = 1, []     # searched actions, as after the random warm-up
         for _ in range(3):
             t0 = time.perf_counter()
             obs, tree, _ = selfplay_step(st, env, obs, tree, small)
             step_s.append(time.perf_counter() - t0)
-        for _ in range(2):
+        def update(batch_size):
             t0 = time.perf_counter()
-            learner_step(st, small)
-            update_s.append(time.perf_counter() - t0)
+            learner_step(st, dataclasses.replace(small, batch_size=batch_size))
+            return time.perf_counter() - t0
+        update_s = [update(b) for _ in range(2)][1] * B / b
+        if B > b and update_s < 2.0:
+            update_s = [update(B) for _ in range(2)][1]
     env.close()
     random.setstate(state[0])
     np.random.set_state(state[1])
-    return float(np.mean(step_s[1:])), update_s[1] * cfg.batch_size / b
+    return float(np.mean(step_s[1:])), update_s
 
 
 def train(cfg, ckpt=None, run_dir=None, changed=None):
