@@ -228,11 +228,11 @@ class RunLog:
                     and row["updates"] > self.tensorboard_step:
                 self.writer.add_scalar(("losses/" if k.startswith("loss_") else "charts/") + k, v, row["updates"])
         self.tensorboard_step = row["updates"]
-        ret = "- (no game ended)" if np.isnan(row["episode_return"]) else f"{row['episode_return']:.1f}"
+        ret, ev = ("-" if np.isnan(row[k]) else f"{row[k]:.1f}" for k in ("episode_return", "eval_return"))
         print(f"env {row['env_steps']:,} | upd {row['updates']:,} | {row['env_steps_per_s']:.1f} env/s "
               f"{row['updates_per_s']:.2f} upd/s | loss v {row['loss_value']:.3f} p {row['loss_policy']:.3f} "
               f"r {row['loss_value_prefix']:.3f} c {row['loss_consistency']:.3f} | return {ret} | "
-              f"eval {row['eval_return']:.1f} | lr {row['learning_rate']:.4f} | td {row['td_horizon']:.2f} | "
+              f"eval {ev} | lr {row['learning_rate']:.4f} | td {row['td_horizon']:.2f} | "
               f"buf {row['buffer_size']:,} | left {hms(left)} ({evals})", flush=True)
 
     def episode(self, score, updates):
