@@ -300,7 +300,7 @@ TINY = ["num_envs=2", "num_simulations=2", "batch_size=4", "start_transitions=40
 
 
 def device_stages(args, run_dir):
-    """Stages, each a subprocess with its own time cap (480 s in all; a failing stage is reported and the
+    """Stages, each a subprocess with its own time cap (475 s in all; a failing stage is reported and the
     next runs): the CUDA tests; the search table (Atari net, A 9, N 50, B 16 256 1536, triton and torch,
     CUDA graphs on and off); the tree operations' share of an eager search; bench.py train on the paper's
     MsPacman configuration, AMP on and off; a real `train.py --game MsPacman` run of about 3 minutes

@@ -112,18 +112,19 @@ class DepthBatchNorm(nn.Module):
         """[depths, 2C]: the inference BatchNorm of each depth as x * scale + shift (scales, then shifts).
 
         A search calls every BatchNorm once per simulation with the same statistics, so the table is kept and
-        reused while the statistics and affine parameters are the same tensors at the same versions (an
-        optimizer step or load_state_dict bumps them) and no training pass moved the statistics. Inside a CUDA graph capture it is computed in the graph,
-        so that a replay reads the parameters as they are then (they are refreshed in place). No gradient."""
-        if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            return torch.cat([scale, self.bias - self.running_mean * scale], 1)
+        reused while the statistics and affine parameters are the same tensors at the same versions (an optimizer
+        step or load_state_dict bumps them) and no training pass moved the statistics. Inside a CUDA graph capture
+        it is computed in the graph and not kept, so that a replay reads the parameters as they are then (they are
+        refreshed in place). No gradient."""
+        capturing = self.weight.is_cuda and torch.cuda.is_current_stream_capturing()
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         key = tuple((t.data_ptr(), t._version) for t in tensors) + (getattr(self, "_updates", 0),)
-        if getattr(self, "_scale_shift_key", None) != key:
+        if capturing or getattr(self, "_scale_shift_key", None) != key:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)           # [depths, C]
-            self._scale_shift = torch.cat([scale, self.bias - self.running_mean * scale], 1)  # [depths, 2C]
-            self._scale_shift_key = key
+            table = torch.cat([scale, self.bias - self.running_mean * scale], 1)   # [depths, 2C]
+            if capturing:
+                return table
+            self._scale_shift, self._scale_shift_key = table, key
         return self._scale_shift
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
