@@ -46,9 +46,8 @@ class Config:
     """env steps stored in the buffer, the Atari 100k budget (EZ_SPEC §1); pacing keeps env steps at or below
     updates * total_transitions / training_steps, i.e. 1 env step per update in the paper (EZ_SPEC §6)"""
     absorbing_terminal: bool = True
-    """unroll steps past a terminal state learn value 0 and reward 0 whatever the action (an absorbing state, as
-    MuZero and the original's first release); off: their value and value-prefix losses are masked, as the
-    original's HEAD (EZ_SPEC §0.1.3), so the model never learns what follows a terminal state"""
+    """unroll steps past a terminal state learn value 0 and reward 0 whatever the action (absorbing, as MuZero and
+    the original's first release); off: those losses are masked, as the original's HEAD (EZ_SPEC §0.1.3)"""
     time_limit_terminal: bool = False
     """end episodes cut by max_episode_steps as terminal (absorbing, value 0 after), as the original (EZ_SPEC §5.2
     quirk c); off: they are truncated, and no value target bootstraps across the cut (README "Differences")"""
@@ -127,6 +126,8 @@ class Config:
     """Dirichlet noise at the roots of self-play and reanalysis searches"""
     root_exploration_fraction: float = 0.25
     """prior <- (1 - f) prior + f noise"""
+    acting_temperature: float = 0.0
+    """self-play's T in a ~ n(a)^(1/T); 0: 1, then 0.5 and 0.25 from 1/2 and 3/4 of training_steps (EZ_SPEC §6)"""
     value_delta_max: float = 0.01
     """floor of max - min in the Q normalization"""
     lstm_horizon_len: int = 5
@@ -286,7 +287,7 @@ RANGES = dict(discount="(0, 1]", lr_init="(0, inf)", lr_warm_up="[0, 1]", lr_dec
               policy_loss_coeff="[0, inf)", value_prefix_loss_coeff="[0, inf)", consistency_coeff="[0, inf)",
               priority_alpha="[0, inf)", priority_beta="[0, 1]", priority_eps="(0, inf)", reanalyze_ratio="[0, 1]",
               pb_c_base="(0, inf)", pb_c_init="[0, inf)", root_dirichlet_alpha="(0, inf)",
-              root_exploration_fraction="[0, 1]", value_delta_max="(0, inf)")
+              root_exploration_fraction="[0, 1]", acting_temperature="[0, inf)", value_delta_max="(0, inf)")
 
 
 def in_interval(value, interval):

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_cartpole(**overrides):
     """A small CartPole configuration for in-process tests."""
     preset = dict(train.PRESETS["cartpole"], num_envs=2, num_simulations=4, batch_size=8, start_transitions=40,
-                  total_transitions=200, training_steps=20, log_interval=10_000, eval_episodes=2,
+                  td_steps=10, total_transitions=200, training_steps=20, log_interval=10_000, eval_episodes=2,
                   reanalyze_ratio=0.5)  # the policy reanalysis path too (the preset stores self-play policies)
     return train.check_config(Config(**{**preset, **overrides}))
 
@@ -94,6 +94,8 @@ def test_learning_rate_schedule_of_the_paper():
 def test_temperature_schedule():
     cfg = Config()
     assert [train.visit_softmax_temperature(u, cfg) for u in (0, 49_999, 50_000, 74_999, 75_000)] == [1, 1, 0.5, 0.5, 0.25]
+    fixed = Config(acting_temperature=0.3)                            # --acting-temperature: one T for the whole run
+    assert [train.visit_softmax_temperature(u, fixed) for u in (0, 50_000, 99_999)] == [0.3, 0.3, 0.3]
 
 
 def test_augmentation_shifts_by_at_most_4_pixels_and_shares_the_target_draw():
