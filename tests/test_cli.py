@@ -64,6 +64,7 @@ CASES = [
     ("train", "--seed -1", "--seed is -1"),
     ("train", "--discount 1.5", "--discount is 1.5; it must be in (0, 1]"),
     ("train", "--lr-init 0", "--lr-init is 0.0; it must be in (0, inf)"),
+    ("train", "--acting-temperature -1", "--acting-temperature is -1.0; it must be in [0, inf)"),
     ("train", "--reanalyze-ratio nan", "--reanalyze-ratio is nan"),
     ("train", "--bn-stats none", "--bn-stats 'none': use depth or shared"),
     ("train", "--exp-name a/b", "--exp-name 'a/b' names a directory"),
