@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 ROOT = 0
-UNVISITED = -1
 TIE_EPS = 1e-6  # scores within this of the best are tied (as mcts.TIE_EPS)
 f32 = np.float32
 # The tree tensors the loops read and write, in the order of their arguments (mcts.Tree's fields, dtypes)

@@ -51,8 +51,7 @@ def learning_rate(step, cfg):
 
 def visit_softmax_temperature(updates, cfg):
     """Acting temperature 1 / 0.5 / 0.25 at 50% / 75% of training_steps (EZ_SPEC §6, HEAD), or the fixed one."""
-    return cfg.acting_temperature or (1.0 if updates < 0.5 * cfg.training_steps else
-                                      0.5 if updates < 0.75 * cfg.training_steps else 0.25)
+    return cfg.acting_temperature or 0.5 ** sum(updates >= f * cfg.training_steps for f in (0.5, 0.75))
 
 
 def scale_gradient(x, scale):
