@@ -279,7 +279,7 @@ def learner_step(st, cfg):
     """Sample (PER, beta 0.4 -> 1), targets from the target network, one update, network refreshes
     (EZ_SPEC §4, §5). -> mean losses [4], mean TD horizon (device tensors)."""
     beta = cfg.priority_beta + (1 - cfg.priority_beta) * st.updates / (cfg.training_steps + cfg.last_steps)
-    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, beta, st.generator)
+    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, beta, st.generator, cfg.replay_window)
     targets = reanalyze(batch, st.buf, st.target_model, cfg, st.generator)
     losses = train_step(st, batch, targets, cfg)
     refresh_networks(st, cfg)

@@ -223,6 +223,23 @@ def test_draws_without_replacement_follow_sequential_sampling():
         assert abs(sets.count(pair) / draws - expected) < 0.035, (pair, sets.count(pair) / draws, expected)
 
 
+def test_replay_window_draws_only_the_newest_transitions():
+    # --replay-window w: the batch comes from the newest w transitions, with probabilities and importance weights
+    # over those alone (as if the older ones were not stored); 0 keeps every transition, as the original
+    p = np.array([0.1, 0.5, 1.0, 2.0, 4.0, 0.3, 3.0, 1.5, 0.05, 2.5])
+    buf = filled_with_priorities(p)
+    seen = set()
+    for i in range(200):
+        batch = buf.sample(3, 5, 5, 0.4, gen(i), window=4)
+        seen |= set(batch.indices.tolist())
+    assert seen == {6, 7, 8, 9}
+    batch = buf.sample(4, 5, 5, 1.0, gen(0), window=4)                    # all four: weights from their P(i) alone
+    P = p[6:] ** 0.6 / (p[6:] ** 0.6).sum()
+    w = (4 * P[batch.indices.numpy() - 6]) ** -1.0
+    np.testing.assert_allclose(batch.weights.numpy(), w / w.max(), rtol=1e-5)
+    assert set(buf.sample(10, 5, 5, 0.4, gen(1), window=0).indices.tolist()) == set(range(10))
+
+
 def test_importance_weights_match_the_formula_and_no_index_repeats():
     p = np.array([0.1, 0.5, 1.0, 2.0, 4.0, 0.3, 3.0, 1.5, 0.05, 2.5])
     buf = filled_with_priorities(p)
