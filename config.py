@@ -101,7 +101,7 @@ class Config:
     priority_eps: float = 1e-6
     """added to |v - z| for new priorities (EZ_SPEC §4.3.7)"""
     replay_window: int = 0
-    """learn only from the newest this many transitions (0: from all of them, as the original)"""
+    """learn only from the newest this many transitions that can be sampled (0: from all of them, as the original)"""
     # ---- the three EfficientZero components (paper Table 3 ablations) ----
     consistency: bool = True
     """self-supervised temporal consistency loss (EZ_SPEC §4.3)"""
@@ -357,9 +357,9 @@ def check_config(cfg):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the buffer can give when learning starts "
                          f"(--start-transitions {cfg.start_transitions} minus {window} transitions still waiting "
                          f"for their K + td successors); lower --batch-size or raise --start-transitions")
-    if cfg.replay_window and cfg.batch_size > cfg.replay_window - window:
-        raise UsageError(f"--replay-window {cfg.replay_window} leaves fewer than --batch-size {cfg.batch_size} "
-                         f"transitions to sample ({window} of it wait for their K + td successors); raise it or use 0")
+    if cfg.replay_window and cfg.replay_window < cfg.batch_size:
+        raise UsageError(f"--replay-window {cfg.replay_window} is smaller than --batch-size {cfg.batch_size}: "
+                         f"raise it, or use 0 (every transition)")
     if cfg.bn_stats not in ("depth", "shared"):
         raise UsageError(f"--bn-stats {cfg.bn_stats!r}: use depth or shared")
     check_backend(cfg.search_backend, check_device(cfg.device))

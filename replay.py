@@ -201,11 +201,11 @@ class ReplayBuffer:
 
     def sample(self, batch_size, num_unroll_steps, td_steps, beta, generator, window=0):
         """A prioritized batch (EZ_SPEC §4.4) without replacement; generator: a torch.Generator on the device.
-        window > 0 draws only from the newest `window` transitions (0: all, as the original)."""
+        window > 0 draws only from the newest `window` transitions that can be sampled (0: all, as the original)."""
         B, K, W, E, dev = batch_size, num_unroll_steps, num_unroll_steps + td_steps, self.num_envs, self.device
         ok = self._sampleable(W)                                              # [n]
-        if window:
-            ok[:max(self.size - window, 0)] = False
+        if window:                                                            # count sampleable ones from the newest
+            ok &= ok.flip(0).cumsum(0).flip(0) <= window
         p = self.priorities[:self.size] ** self.alpha * ok                    # p_i^alpha, 0 where not sampleable
         exp1 = -torch.log(torch.rand(self.size, generator=generator, device=dev).clamp(min=1e-30))  # Exp(1) draws
         t = torch.topk(p / exp1, B).indices                                   # [B] the B largest p_i / Exp(1)_i

@@ -112,11 +112,13 @@ def test_selfplay_step_syncs_only_at_the_env_boundary(preset, no_early_stop):
     assert syncs.events == [], "host syncs in a self-play step:\n" + syncs.report()
 
 
-@pytest.mark.parametrize("preset,amp", [("cartpole", False), ("cartpole", True), ("atari-quick", True)])
-def test_learner_update_has_no_host_sync(preset, amp, no_early_stop):
+@pytest.mark.parametrize("preset,amp,window", [("cartpole", False, 0), ("cartpole", True, 0), ("atari-quick", True, 0),
+                                               ("cartpole", False, 16)])
+def test_learner_update_has_no_host_sync(preset, amp, window, no_early_stop):
     """amp=True uses the gradient scaler as a CUDA run with AMP does (GradScaler.step reads found_inf
-    on the host unless the optimizer takes it as a tensor, e.g. torch.optim.SGD(fused=True))."""
-    cfg, env, st, _ = _run_state(preset)
+    on the host unless the optimizer takes it as a tensor, e.g. torch.optim.SGD(fused=True)); window is
+    --replay-window."""
+    cfg, env, st, _ = _run_state(preset, replay_window=window)
     env.close()
     if amp:
         st.scaler = torch.amp.GradScaler("cpu", enabled=True)

@@ -238,6 +238,11 @@ def test_replay_window_draws_only_the_newest_transitions():
     w = (4 * P[batch.indices.numpy() - 6]) ** -1.0
     np.testing.assert_allclose(batch.weights.numpy(), w / w.max(), rtol=1e-5)
     assert set(buf.sample(10, 5, 5, 0.4, gen(1), window=0).indices.tolist()) == set(range(10))
+    # it counts transitions that can be sampled: the newest ones of running episodes, still waiting for their
+    # successors, are not in it (sampleable here: 0..6, see test_sampleable_rule)
+    env, buf = make([[4, 100], [100]], steps=8)
+    for i in range(20):
+        assert sorted(buf.sample(3, 3, 2, 0.4, gen(i), window=3).indices.tolist()) == [4, 5, 6]
 
 
 def test_importance_weights_match_the_formula_and_no_index_repeats():
