@@ -102,6 +102,9 @@ class Config:
     """added to |v - z| for new priorities (EZ_SPEC §4.3.7)"""
     replay_window: int = 0
     """learn only from the newest this many transitions that can be sampled (0: from all of them, as the original)"""
+    value_window: int = 0
+    """train the value only on samples at most this many transitions old, a hard off-policy correction (README
+    "Measured", round 4); the other losses use every sample; 0: every sample, as the original"""
     # ---- the three EfficientZero components (paper Table 3 ablations) ----
     consistency: bool = True
     """self-supervised temporal consistency loss (EZ_SPEC §4.3)"""
@@ -338,7 +341,7 @@ def check_config(cfg):
     for name in POSITIVE:
         if getattr(cfg, name) < 1:
             raise UsageError(f"{flag(name)} is {getattr(cfg, name)}; it must be at least 1")
-    for name in ("last_steps", "torch_threads", "seed", "replay_window"):
+    for name in ("last_steps", "torch_threads", "seed", "replay_window", "value_window"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{flag(name)} is {getattr(cfg, name)}; it must be 0 or more")
     if cfg.seed + cfg.num_envs + cfg.eval_episodes + cfg.total_transitions >= 2 ** 31:

@@ -146,6 +146,27 @@ def test_ablation_switches_act_where_the_math_changes():
     assert seen[0] == 0 and all(s > 0 for s in seen[1:])              # the prefix LSTM carries its state
 
 
+def test_value_window_drops_the_value_loss_of_older_samples_only():
+    # --value-window w: a sample older than w transitions adds nothing to the value loss, and everything else
+    # as before; the same batch and weights with and without it
+    losses = {}
+    for window in (0, 60, 1):
+        cfg = tiny_cartpole(value_window=window)
+        env = make_env(cfg.game, cfg.num_envs, 0)
+        torch.manual_seed(0)
+        st = train.build(cfg, env, torch.device("cpu"))
+        train.fill_random(st, env, env.reset(), 120)
+        env.close()
+        batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, torch.Generator().manual_seed(0))
+        targets = reanalyze(batch, st.buf, st.target_model, cfg, torch.Generator().manual_seed(1))
+        losses[window] = train.train_step(st, batch, targets, cfg)
+        young = batch.ages <= 60
+    assert 0 < young.sum() < len(young)                                 # the batch has both young and old samples
+    assert losses[0][0] > losses[60][0] > 0 and losses[1][0] == 0       # none is 1 transition old
+    for w in (60, 1):
+        torch.testing.assert_close(losses[w][1:], losses[0][1:])         # policy, value prefix, consistency
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and errors
 # ---------------------------------------------------------------------------------------------
