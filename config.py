@@ -103,8 +103,8 @@ class Config:
     replay_window: int = 0
     """learn only from the newest this many transitions that can be sampled (0: from all of them, as the original)"""
     value_window: int = 0
-    """train the value only on samples at most this many transitions old, a hard off-policy correction (README
-    "Measured", round 4); the other losses use every sample; 0: every sample, as the original"""
+    """train the value only on samples at most this many transitions old, a hard off-policy correction
+    (CARTPOLE.md, round 4); the other losses use every sample; 0: every sample, as the original"""
     # ---- the three EfficientZero components (paper Table 3 ablations) ----
     consistency: bool = True
     """self-supervised temporal consistency loss (EZ_SPEC §4.3)"""
@@ -198,7 +198,7 @@ PRESETS = {
         training_steps=40, last_steps=8, max_episode_steps=400, eval_interval=30, eval_episodes=2,
         eval_max_episode_steps=60, log_interval=40, save_interval=20, torch_threads=1),
     # Small vector-observation tasks (CartPole-v1 by default, MLP): 8,000 env steps and updates, about 3 minutes alone
-    # on 2 cores. Where it departs from the paper's values, README "Measured" (CartPole ablations) says why: td_steps
+    # on 2 cores. Where it departs from the paper's values, CARTPOLE.md (the CartPole ablations) says why: td_steps
     # 10 (with 5 the value targets stayed far below the true returns), no policy reanalysis (4.5x cheaper updates,
     # higher ends), lr 0.05, discount 0.99 (the paper's per agent step is 0.997^4 = 0.988), short refresh intervals,
     # and the value learned only from the newest half of the data (value_window; round 4).
