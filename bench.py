@@ -295,8 +295,8 @@ def bench_train(args):
 # ---------------------------------------------------------------------------------------------
 # bench.py device: one command for a GPU session (device_stages). --tiny: the same, small, on any machine.
 # ---------------------------------------------------------------------------------------------
-TINY = ["num_envs=2", "num_simulations=2", "batch_size=4", "start_transitions=40", "total_transitions=400",  # CartPole
-        "eval_episodes=1", "eval_max_episode_steps=10"]
+TINY = ["num_envs=2", "num_simulations=2", "batch_size=4", "start_transitions=40", "td_steps=10",  # CartPole
+        "total_transitions=400", "eval_episodes=1", "eval_max_episode_steps=10"]
 
 
 def device_stages(args, run_dir):

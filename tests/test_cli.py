@@ -16,8 +16,8 @@ from atari import make_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A finished CartPole run of 2 updates: seconds on a CPU.
 TINY = ["--preset", "cartpole", "--num-envs", "2", "--num-simulations", "2", "--batch-size", "4",
-        "--start-transitions", "40", "--total-transitions", "48", "--training-steps", "2", "--last-steps", "0",
-        "--eval-episodes", "1", "--eval-max-episode-steps", "10"]
+        "--start-transitions", "40", "--td-steps", "10", "--total-transitions", "48", "--training-steps", "2",
+        "--last-steps", "0", "--eval-episodes", "1", "--eval-max-episode-steps", "10"]
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from config import Config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CartPole with a tiny search and batch: 150 updates and 150 env steps in a few seconds.
 RUN = ["--preset", "cartpole", "--num-envs", "2", "--num-simulations", "2", "--batch-size", "8",
-       "--start-transitions", "40", "--total-transitions", "150", "--training-steps", "150", "--last-steps", "0",
-       "--eval-interval", "50", "--eval-episodes", "2", "--eval-max-episode-steps", "20", "--log-interval", "10",
-       "--save-interval", "50"]
+       "--start-transitions", "40", "--td-steps", "10", "--total-transitions", "150", "--training-steps", "150",
+       "--last-steps", "0", "--eval-interval", "50", "--eval-episodes", "2", "--eval-max-episode-steps", "20",
+       "--log-interval", "10", "--save-interval", "50"]
 
 
 def run_until(args, stop_signal, after_updates, timeout=120):
