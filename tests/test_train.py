@@ -279,7 +279,7 @@ def test_smoke_run_atari_collects_learns_evaluates_checkpoints_and_resumes(tmp_p
     assert [r["updates"] for r in csv.DictReader(open(run_dir / "eval.csv"))] == ["20", "34"]  # at 20 and the end
 
 
-LEARN_SEED = 1  # the preset's curves: README "Measured" (seeds 0-7), CARTPOLE.md round 11c (56-71); this ends 500, 500, 500
+LEARN_SEED = 1  # curves: README "Measured" (seeds 0-7), CARTPOLE.md round 11c (56-71); this ends 500, 500, 500
 
 
 def test_cartpole_learns_and_holds(tmp_path):
