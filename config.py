@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atari import canonical_game, check_game
+from atari import ALE_GAMES, canonical_game, check_game
 
 
 @dataclass
@@ -173,6 +173,10 @@ class Config:
     """MLP hidden width (vector observations)"""
     latent_dim: int = 64
     """MLP latent size (vector observations)"""
+    obs_norm: bool = False
+    """vector observations: a BatchNorm on the representation's input, so that every feature enters at unit scale
+    whatever its units (CartPole's pole angle moves by hundredths of a radian, its cart by a metre); not in the
+    original, off by default (CARTPOLE.md round 12 measures it)"""
     # ---- evaluation, logging, checkpoints ----
     eval_interval: int = 10_000
     """updates between evaluations during training, and one at the end (EZ_SPEC §7.1)"""
@@ -367,6 +371,8 @@ def check_config(cfg):
                          f"raise it, or use 0 (every transition)")
     if cfg.bn_stats not in ("depth", "shared"):
         raise UsageError(f"--bn-stats {cfg.bn_stats!r}: use depth or shared")
+    if cfg.obs_norm and cfg.game in ALE_GAMES:
+        raise UsageError(f"--obs-norm is for vector observations; {cfg.game}'s frames are already scaled to [0, 1]")
     check_backend(cfg.search_backend, check_device(cfg.device))
     if not cfg.value_prefix:  # the one place the value-prefix ablation acts: zeta = 1 (see README)
         cfg.lstm_horizon_len = 1
@@ -398,7 +404,7 @@ def resume_config(ckpt, explicit, path):
 
 def model_args(cfg, obs_shape, num_actions):
     """Everything make_model needs, kept in the checkpoint so eval.py rebuilds the network from it alone."""
-    names = ["channels", "blocks", "reduced_channels", "fc_hidden"] if len(obs_shape) == 3 else ["hidden", "latent_dim"]
+    names = ["channels", "blocks", "reduced_channels", "fc_hidden"] if len(obs_shape) == 3 else ["hidden", "latent_dim", "obs_norm"]
     names += ["lstm_hidden", "support_size", "proj_hid", "proj_out", "pred_hid", "pred_out", "state_norm"]
     bn_depths = cfg.num_unroll_steps + 1 if cfg.bn_stats == "depth" else 1
     return dict(obs_shape=tuple(obs_shape), num_actions=num_actions, bn_depths=bn_depths,

@@ -140,10 +140,11 @@ class DepthBatchNorm(nn.Module):
 
 class MLP(nn.Sequential):
     """Linear-BN-ReLU for every hidden layer, then a plain Linear (optionally zero-initialised, or followed
-    by BN); its BatchNorms keep `depths` sets of statistics and forward(x, depth) picks one."""
+    by BN; optionally BN first, on the input); its BatchNorms keep `depths` sets of statistics and
+    forward(x, depth) picks one."""
 
-    def __init__(self, sizes, depths=1, last_zero_init=False, last_bn=False):
-        layers = []
+    def __init__(self, sizes, depths=1, last_zero_init=False, last_bn=False, first_bn=False):
+        layers = [DepthBatchNorm(sizes[0], depths)] if first_bn else []
         for i in range(len(sizes) - 2):
             layers += [nn.Linear(sizes[i], sizes[i + 1]), DepthBatchNorm(sizes[i + 1], depths), nn.ReLU()]
         last = nn.Linear(sizes[-2], sizes[-1])
@@ -360,12 +361,13 @@ class MLPPrediction(nn.Module):
 
 class MLPNet(_Inference):
     def __init__(self, obs_shape, num_actions, hidden=128, latent_dim=64, lstm_hidden=64, support_size=300,
-                 proj_hid=128, proj_out=128, pred_hid=64, pred_out=128, state_norm=False, bn_depths=6):
+                 proj_hid=128, proj_out=128, pred_hid=64, pred_out=128, state_norm=False, bn_depths=6,
+                 obs_norm=False):
         super().__init__()
         bins = 2 * support_size + 1
         self.num_actions, self.support_size, self.lstm_hidden = num_actions, support_size, lstm_hidden
         self.latent_shape, self.state_norm = (latent_dim,), state_norm
-        self.representation = MLP([obs_shape[0], hidden, latent_dim])
+        self.representation = MLP([obs_shape[0], hidden, latent_dim], first_bn=obs_norm)  # obs_norm: BN on o
         self.dynamics = MLPDynamics(latent_dim, num_actions, hidden, lstm_hidden, bins, bn_depths)
         self.prediction = MLPPrediction(latent_dim, num_actions, hidden, bins, bn_depths)
         self.projection = MLP([latent_dim, proj_hid, proj_hid, proj_out], last_bn=True)

@@ -67,6 +67,7 @@ CASES = [
     ("train", "--acting-temperature -1", "--acting-temperature is -1.0; it must be in [0, inf)"),
     ("train", "--reanalyze-ratio nan", "--reanalyze-ratio is nan"),
     ("train", "--bn-stats none", "--bn-stats 'none': use depth or shared"),
+    ("train", "--game Pong --obs-norm", "--obs-norm is for vector observations"),
     ("train", "--exp-name a/b", "--exp-name 'a/b' names a directory"),
     ("train", "--start-transitions 200000", "learning could never start"),
     ("train", "--preset cartpole --batch-size 1000", "larger than the buffer can give"),

@@ -205,6 +205,37 @@ def test_mlp_variant_same_interface():
     assert net.latent_shape == (16,) and net.support_size == 10 and net.lstm_hidden == 8
 
 
+def test_obs_norm_puts_every_input_feature_at_unit_scale():
+    """--obs-norm: a BatchNorm on the representation's input. A feature's units then do not matter: in training
+    (batch statistics) a feature scaled by 1/10 and another shifted gives the same latent, and inference normalizes with
+    the running statistics of what training saw. Without it the same rescaling changes the latent."""
+    kw = dict(hidden=32, latent_dim=16, lstm_hidden=8, support_size=10, proj_hid=16, proj_out=16, pred_hid=8,
+              pred_out=16)
+    torch.manual_seed(0)
+    obs = torch.randn(256, 4)
+    rescaled = obs * torch.tensor([1.0, 1.0, 1 / 10, 1.0]) + torch.tensor([0.0, 2.0, 0.0, 0.0])
+    for obs_norm in (True, False):
+        torch.manual_seed(1)
+        net = make_model((4,), 2, obs_norm=obs_norm, **kw).train()
+        same = torch.allclose(net.encode(obs), net.encode(rescaled), atol=1e-3)
+        assert same == obs_norm
+    torch.manual_seed(1)
+    net = make_model((4,), 2, obs_norm=True, **kw)
+    bn = net.representation[0]
+    assert isinstance(bn, DepthBatchNorm) and isinstance(net.representation[1], torch.nn.Linear)
+    for _ in range(60):                                                    # running statistics follow the data
+        net.encode(rescaled[torch.randint(0, 256, (64,))])
+    torch.testing.assert_close(bn.running_mean[0], rescaled.mean(0), atol=0.15, rtol=0)
+    torch.testing.assert_close(bn.running_var[0].sqrt(), rescaled.std(0), atol=0.1, rtol=0.1)
+    with torch.no_grad():
+        unit = bn.eval()(rescaled)                                         # inference: running statistics
+    torch.testing.assert_close(unit.mean(0), torch.zeros(4), atol=0.15, rtol=0)
+    torch.testing.assert_close(unit.std(0), torch.ones(4), atol=0.15, rtol=0)
+    assert isinstance(make_model((4,), 2, **kw).representation[0], torch.nn.Linear)  # the default: checkpoints
+    with pytest.raises(TypeError):                                         # written before the option load
+        make_model((12, 96, 96), 6, obs_norm=True)                         # images: frames / 255 already
+
+
 def test_small_config_is_one_set_of_arguments_away():
     net = make_model((12, 96, 96), 6, channels=16, lstm_hidden=64, proj_hid=256, proj_out=256, pred_hid=64,
                      pred_out=256, support_size=50).eval()
