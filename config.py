@@ -404,7 +404,10 @@ def resume_config(ckpt, explicit, path):
 
 def model_args(cfg, obs_shape, num_actions):
     """Everything make_model needs, kept in the checkpoint so eval.py rebuilds the network from it alone."""
-    names = ["channels", "blocks", "reduced_channels", "fc_hidden"] if len(obs_shape) == 3 else ["hidden", "latent_dim", "obs_norm"]
+    if len(obs_shape) == 3:
+        names = ["channels", "blocks", "reduced_channels", "fc_hidden"]
+    else:
+        names = ["hidden", "latent_dim", "obs_norm"]
     names += ["lstm_hidden", "support_size", "proj_hid", "proj_out", "pred_hid", "pred_out", "state_norm"]
     bn_depths = cfg.num_unroll_steps + 1 if cfg.bn_stats == "depth" else 1
     return dict(obs_shape=tuple(obs_shape), num_actions=num_actions, bn_depths=bn_depths,
