@@ -367,7 +367,7 @@ class MLPNet(_Inference):
         bins = 2 * support_size + 1
         self.num_actions, self.support_size, self.lstm_hidden = num_actions, support_size, lstm_hidden
         self.latent_shape, self.state_norm = (latent_dim,), state_norm
-        self.representation = MLP([obs_shape[0], hidden, latent_dim], first_bn=obs_norm)  # obs_norm: BN on o
+        self.representation = MLP([obs_shape[0], hidden, latent_dim], first_bn=obs_norm)
         self.dynamics = MLPDynamics(latent_dim, num_actions, hidden, lstm_hidden, bins, bn_depths)
         self.prediction = MLPPrediction(latent_dim, num_actions, hidden, bins, bn_depths)
         self.projection = MLP([latent_dim, proj_hid, proj_hid, proj_out], last_bn=True)

@@ -86,7 +86,8 @@ def test_the_checker_finds_syncs():
 
 def _run_state(preset, **overrides):
     cfg = check_config(Config(**{**PRESETS[preset], "num_envs": 2, "num_simulations": 4, "batch_size": 4,
-                                 "start_transitions": 40, "td_steps": 10, "total_transitions": 200, "training_steps": 20,
+                                 "start_transitions": 40, "td_steps": 10, "total_transitions": 200,
+                                 "training_steps": 20,
                                  "reanalyze_ratio": 0.5, "device": "cpu", "search_backend": "torch",  # as on CUDA
                                  **overrides}))
     env = make_env(cfg.game, cfg.num_envs, cfg.seed, train=True, max_episode_steps=cfg.max_episode_steps)
