@@ -105,6 +105,9 @@ class Config:
     value_window: int = 0
     """train the value only on samples at most this many transitions old, a hard off-policy correction
     (CARTPOLE.md, round 4); the other losses use every sample; 0: every sample, as the original"""
+    window_td_steps: int = 0
+    """with value_window: the older samples keep their value loss, with a TD horizon of at most this many steps
+    (a stronger form of the paper's off-policy correction; CARTPOLE.md, round 13); 0: they have none"""
     # ---- the three EfficientZero components (paper Table 3 ablations) ----
     consistency: bool = True
     """self-supervised temporal consistency loss (EZ_SPEC §4.3)"""
@@ -347,7 +350,7 @@ def check_config(cfg):
     for name in POSITIVE:
         if getattr(cfg, name) < 1:
             raise UsageError(f"{flag(name)} is {getattr(cfg, name)}; it must be at least 1")
-    for name in ("last_steps", "torch_threads", "seed", "replay_window", "value_window"):
+    for name in ("last_steps", "torch_threads", "seed", "replay_window", "value_window", "window_td_steps"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{flag(name)} is {getattr(cfg, name)}; it must be 0 or more")
     if cfg.seed + cfg.num_envs + cfg.eval_episodes + cfg.total_transitions >= 2 ** 31:
@@ -369,6 +372,9 @@ def check_config(cfg):
     if cfg.replay_window and cfg.replay_window < cfg.batch_size:
         raise UsageError(f"--replay-window {cfg.replay_window} is smaller than --batch-size {cfg.batch_size}: "
                          f"raise it, or use 0 (every transition)")
+    if cfg.window_td_steps and not cfg.value_window:
+        raise UsageError(f"--window-td-steps {cfg.window_td_steps} needs --value-window: it sets the TD horizon of "
+                         f"the samples older than the window")
     if cfg.bn_stats not in ("depth", "shared"):
         raise UsageError(f"--bn-stats {cfg.bn_stats!r}: use depth or shared")
     if cfg.obs_norm and cfg.game in ALE_GAMES:

@@ -87,6 +87,8 @@ def reanalyze(batch, buf, target_model, cfg, generator):
     search_args = dict(num_simulations=cfg.num_simulations, add_noise=cfg.reanalyze_noise, generator=generator,
                        **search_kwargs(cfg))
     horizon = td_horizon(batch.ages, cfg.training_steps, cfg.td_steps, cfg.off_policy_correction)  # [B]
+    if cfg.value_window and cfg.window_td_steps:                            # older samples: a shorter horizon
+        horizon = torch.where(batch.ages > cfg.value_window, horizon.clamp(max=cfg.window_td_steps), horizon)
     j = torch.arange(K + 1, device=device)                                  # [K+1]
 
     # Value (EZ_SPEC §5.2): bootstrap from o_{t+j+l}. Offsets past the end are clamped by buf.stacks and

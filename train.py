@@ -139,7 +139,7 @@ def train_step(st, batch, targets, cfg):
         group["lr"] = learning_rate(st.updates, cfg)
     with torch.autocast(device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
         losses, value_0 = unroll_losses(st.model, obs, batch.actions, batch.mask, targets, cfg)   # [4, B], [B]
-        if cfg.value_window:                                                     # no value loss on older samples
+        if cfg.value_window and not cfg.window_td_steps:                         # no value loss on older samples
             losses = torch.cat([losses[:1] * (batch.ages <= cfg.value_window), losses[1:]])
         loss = (batch.weights * sum(c * l for c, l in zip(coeffs, losses.float()))).mean()  # EZ_SPEC §4.3.4, PER
     loss = scale_gradient(loss, 1 / cfg.num_unroll_steps)                       # EZ_SPEC §4.3.5: gradient x 1/K

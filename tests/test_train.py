@@ -167,6 +167,32 @@ def test_value_window_drops_the_value_loss_of_older_samples_only():
         torch.testing.assert_close(losses[w][1:], losses[0][1:])         # policy, value prefix, consistency
 
 
+def test_window_td_steps_gives_older_samples_a_short_horizon_instead_of_no_value_loss():
+    # --value-window 60 --window-td-steps 2: samples older than 60 transitions keep a value loss, with horizon
+    # min(l, 2); the younger ones keep l (10: the tiny config's, without the paper's gradual correction); the same
+    # batch and weights as without the window
+    out = {}
+    for window, short in ((0, 0), (60, 0), (60, 2)):
+        cfg = tiny_cartpole(value_window=window, window_td_steps=short, off_policy_correction=False)
+        env = make_env(cfg.game, cfg.num_envs, 0)
+        torch.manual_seed(0)
+        st = train.build(cfg, env, torch.device("cpu"))
+        train.fill_random(st, env, env.reset(), 120)
+        env.close()
+        batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, torch.Generator().manual_seed(0))
+        targets = reanalyze(batch, st.buf, st.target_model, cfg, torch.Generator().manual_seed(1))
+        out[window, short] = targets, train.train_step(st, batch, targets, cfg)
+    old = batch.ages > 60
+    assert 0 < old.sum() < len(old)
+    assert (out[60, 0][0].horizon == 10).all() and (out[0, 0][0].horizon == 10).all()
+    assert (out[60, 2][0].horizon == torch.where(old, 2, 10)).all()
+    torch.testing.assert_close(out[60, 2][0].value[~old], out[0, 0][0].value[~old])    # young targets unchanged
+    assert not torch.allclose(out[60, 2][0].value[old], out[0, 0][0].value[old])       # old ones: 2 steps
+    assert out[60, 2][1][0] > out[60, 0][1][0] > 0                      # old samples add to the value loss again
+    with pytest.raises(UsageError, match="--window-td-steps 2 needs --value-window"):
+        tiny_cartpole(value_window=0, window_td_steps=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and errors
 # ---------------------------------------------------------------------------------------------
