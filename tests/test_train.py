@@ -151,7 +151,7 @@ def test_value_window_drops_the_value_loss_of_older_samples_only():
     # as before; the same batch and weights with and without it
     losses = {}
     for window in (0, 60, 1):
-        cfg = tiny_cartpole(value_window=window)
+        cfg = tiny_cartpole(value_window=window, window_td_steps=0)
         env = make_env(cfg.game, cfg.num_envs, 0)
         torch.manual_seed(0)
         st = train.build(cfg, env, torch.device("cpu"))
