@@ -376,7 +376,7 @@ def check_config(cfg):
                          f"raise it, or use 0 (every transition)")
     if cfg.window_td_steps and not cfg.value_window:
         raise UsageError(f"--window-td-steps {cfg.window_td_steps} needs --value-window: it sets the TD horizon of "
-                         f"the samples older than the window")
+                         f"the samples older than the window (with --value-window 0 add --window-td-steps 0)")
     if cfg.bn_stats not in ("depth", "shared"):
         raise UsageError(f"--bn-stats {cfg.bn_stats!r}: use depth or shared")
     if cfg.obs_norm and cfg.game in ALE_GAMES:

@@ -73,6 +73,7 @@ CASES = [
     ("train", "--preset cartpole --batch-size 1000", "larger than the buffer can give"),
     ("train", "--replay-window -1", "--replay-window is -1; it must be 0 or more"),
     ("train", "--value-window -5", "--value-window is -5; it must be 0 or more"),
+    ("train", "--preset cartpole --value-window 0", "with --value-window 0 add --window-td-steps 0"),
     ("train", "--preset cartpole --replay-window 255", "--replay-window 255 is smaller than --batch-size 256"),
     ("train", "--runs-dir {dir}/afile", "is a file, not a directory"),
     ("train", "--runs-dir {dir}/afile/runs", "is a file, not a directory"),
