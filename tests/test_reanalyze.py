@@ -83,9 +83,8 @@ E, A, D = 3, 2, 4
 def config(**overrides):
     cfg = dict(num_unroll_steps=5, td_steps=5, discount=0.9, training_steps=100, off_policy_correction=True,
                reanalyze_ratio=0.5, reanalyze_noise=True, use_root_value=False, num_simulations=4, lstm_horizon_len=5,
-               pb_c_base=19652,
-               pb_c_init=1.25, root_dirichlet_alpha=0.3, root_exploration_fraction=0.25, value_delta_max=0.01,
-               search_backend="torch")
+               value_window=0, window_td_steps=0, pb_c_base=19652, pb_c_init=1.25, root_dirichlet_alpha=0.3,
+               root_exploration_fraction=0.25, value_delta_max=0.01, search_backend="torch")
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 
