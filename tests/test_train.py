@@ -146,20 +146,26 @@ def test_ablation_switches_act_where_the_math_changes():
     assert seen[0] == 0 and all(s > 0 for s in seen[1:])              # the prefix LSTM carries its state
 
 
+def one_step_on_random_data(cfg):
+    """The same 120 random transitions, weights and batch for every cfg: -> batch, targets, train_step's losses."""
+    env = make_env(cfg.game, cfg.num_envs, 0)
+    torch.manual_seed(0)
+    st = train.build(cfg, env, torch.device("cpu"))
+    train.fill_random(st, env, env.reset(), 120)
+    env.close()
+    batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, torch.Generator().manual_seed(0))
+    targets = reanalyze(batch, st.buf, st.target_model, cfg, torch.Generator().manual_seed(1))
+    return batch, targets, train.train_step(st, batch, targets, cfg)
+
+
 def test_value_window_drops_the_value_loss_of_older_samples_only():
     # --value-window w: a sample older than w transitions adds nothing to the value loss, and everything else
     # as before; the same batch and weights with and without it
     losses = {}
     for window in (0, 60, 1):
         cfg = tiny_cartpole(value_window=window, window_td_steps=0)
-        env = make_env(cfg.game, cfg.num_envs, 0)
-        torch.manual_seed(0)
-        st = train.build(cfg, env, torch.device("cpu"))
-        train.fill_random(st, env, env.reset(), 120)
-        env.close()
-        batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, torch.Generator().manual_seed(0))
-        targets = reanalyze(batch, st.buf, st.target_model, cfg, torch.Generator().manual_seed(1))
-        losses[window] = train.train_step(st, batch, targets, cfg)
+        batch, targets, loss = one_step_on_random_data(cfg)
+        losses[window] = loss
         young = batch.ages <= 60
     assert 0 < young.sum() < len(young)                                 # the batch has both young and old samples
     assert losses[0][0] > losses[60][0] > 0 and losses[1][0] == 0       # none is 1 transition old
@@ -174,14 +180,8 @@ def test_window_td_steps_gives_older_samples_a_short_horizon_instead_of_no_value
     out = {}
     for window, short in ((0, 0), (60, 0), (60, 2)):
         cfg = tiny_cartpole(value_window=window, window_td_steps=short, off_policy_correction=False)
-        env = make_env(cfg.game, cfg.num_envs, 0)
-        torch.manual_seed(0)
-        st = train.build(cfg, env, torch.device("cpu"))
-        train.fill_random(st, env, env.reset(), 120)
-        env.close()
-        batch = st.buf.sample(cfg.batch_size, cfg.num_unroll_steps, cfg.td_steps, 0.4, torch.Generator().manual_seed(0))
-        targets = reanalyze(batch, st.buf, st.target_model, cfg, torch.Generator().manual_seed(1))
-        out[window, short] = targets, train.train_step(st, batch, targets, cfg)
+        batch, targets, loss = one_step_on_random_data(cfg)
+        out[window, short] = targets, loss
     old = batch.ages > 60
     assert 0 < old.sum() < len(old)
     assert (out[60, 0][0].horizon == 10).all() and (out[0, 0][0].horizon == 10).all()
