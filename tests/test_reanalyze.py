@@ -1,11 +1,10 @@
 """Reanalysis targets against hand-computed numbers (EZ_SPEC §5) and against a real tiny model + search."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
+from config import Config
 from mcts import search
 from model import make_model
 from reanalyze import reanalyze, td_horizon, value_prefix_targets, value_targets
@@ -81,12 +80,13 @@ E, A, D = 3, 2, 4
 
 
 def config(**overrides):
+    """A full Config (fields reanalyze reads and these tests do not name keep their defaults)."""
     cfg = dict(num_unroll_steps=5, td_steps=5, discount=0.9, training_steps=100, off_policy_correction=True,
                reanalyze_ratio=0.5, reanalyze_noise=True, use_root_value=False, num_simulations=4, lstm_horizon_len=5,
-               value_window=0, window_td_steps=0, pb_c_base=19652, pb_c_init=1.25, root_dirichlet_alpha=0.3,
+               pb_c_base=19652, pb_c_init=1.25, root_dirichlet_alpha=0.3,
                root_exploration_fraction=0.25, value_delta_max=0.01, search_backend="torch")
     cfg.update(overrides)
-    return SimpleNamespace(**cfg)
+    return Config(**cfg)
 
 
 @pytest.fixture(scope="module")
