@@ -209,7 +209,7 @@ PRESETS = {
     # 30 (with 5 the value targets stayed far below the true returns) and uniform replay (priority_alpha 0; the two
     # together, round 11), no policy reanalysis (4.5x cheaper updates, higher ends), lr 0.05, discount 0.99 (the
     # paper's per agent step is 0.997^4 = 0.988), short refresh intervals, the value's TD horizon cut to 5 on
-    # samples older than half the data (value_window, window_td_steps; rounds 4 and 13), inputs at unit scale
+    # samples older than 4,000 transitions (value_window, window_td_steps; rounds 4 and 13), inputs at unit scale
     # (obs_norm; rounds 12 and 13). start_transitions 600: 8 x (5 + 30) of them wait for their targets.
     "cartpole": dict(
         game="CartPole-v1", max_episode_steps=500, hidden=64, latent_dim=32, lstm_hidden=32, proj_hid=64,
