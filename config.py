@@ -245,15 +245,23 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def close_names(word, known, n=2):
+    """The known names that start with word (--lr: --lr-init), else the most similar ones. Compared without the
+    leading "--" that every flag shares, which made --bogus look like --blocks."""
+    starts = [k for k in known if k.startswith(word) and k != word]
+    return sorted(starts, key=len)[:n] or difflib.get_close_matches(word, known, n=n)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one UsageError line (not its 60-line usage), with the
     closest flags for an unknown one."""
 
     def error(self, message):
         if message.startswith("unrecognized arguments"):
-            known = [s for s in self._option_string_actions if s.startswith("--") and s != "--help"]
-            close = [difflib.get_close_matches(a.split("=")[0], known, n=2) for a in message.split(": ")[1].split()]
-            hints = [f"did you mean {' or '.join(c)}" for c in close if c]
+            known = [s[2:] for s in self._option_string_actions if s.startswith("--") and s != "--help"]
+            hints = [f"did you mean {' or '.join('--' + c for c in close)}"
+                     for a in message.split(": ")[1].split() if a.startswith("--")
+                     for close in [close_names(a[2:].split("=")[0].replace("_", "-"), known)] if close]
             message += "; " + ", ".join(hints) if hints else ""
         raise UsageError(f"{message} (see {self.prog} --help)")
 

@@ -78,7 +78,9 @@ CASES = [
     ("train", "--runs-dir {dir}/afile", "is a file, not a directory"),
     ("train", "--runs-dir {dir}/afile/runs", "is a file, not a directory"),
     ("train", "--runs-dir /sys/runs", "is not writable"),
-    ("train", "--lr 0.1", "unrecognized arguments: --lr 0.1; did you mean --lr-init (see train.py --help)"),
+    ("train", "--lr 0.1", "unrecognized arguments: --lr 0.1; did you mean --lr-init or --lr-warm-up (see train.py"),
+    ("train", "--num_envs 2", "unrecognized arguments: --num_envs 2; did you mean --num-envs (see train.py --help)"),
+    ("train", "--bogus 1", "unrecognized arguments: --bogus 1 (see train.py --help)"),  # no far-fetched guess
     ("train", "--channels many", "argument --channels: invalid int value: 'many'"),
     ("train", "--preset pong", "argument --preset: invalid choice: 'pong'"),
     ("train", "--resume {dir}/missing.pt", "no checkpoint at"),
@@ -107,7 +109,7 @@ CASES = [
     ("eval", "--ckpt {pong} --video /sys/game.mp4", "is not writable"),
     ("eval", "--ckpt {pong} --video {dir}/afile/game.mp4", "{dir}/afile is a file, not a folder"),
     ("eval", "--ckpt {ckpt} --csv {dir}/nowhere/eval.csv", "does not exist"),
-    ("eval", "--ckpt {ckpt} --episode 3", "did you mean --episodes or --max-episode-steps (see eval.py --help)"),
+    ("eval", "--ckpt {ckpt} --episode 3", "did you mean --episodes (see eval.py --help)"),
     ("eval", "--episodes 3", "the following arguments are required: --ckpt"),
 ]
 
