@@ -193,8 +193,8 @@ class Config:
     """updates between checkpoints (ckpt.pt, written atomically), and one at the end"""
     save_buffer: bool = True
     """store the replay buffer and the running episodes in ckpt.pt, so a stopped run resumes at the same pace with
-    all its data; on Atari 100k that is up to 2.6 GiB per checkpoint (README "Progress, stop and resume"); --no-save-buffer
-    writes only the networks and counters, and a resume then refills the buffer from scratch"""
+    all its data; on Atari 100k that is up to 2.6 GiB per checkpoint (README "Progress, stop and resume");
+    --no-save-buffer writes only the networks and counters, and a resume then refills the buffer from scratch"""
 
 
 PRESETS = {
@@ -292,7 +292,8 @@ def parse_args(argv=None, description=None):
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
         if f.type is bool:
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=f"{docs[f.name]} (default {f.default})")
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
+                           help=f"{docs[f.name]} (default {f.default})")
         else:
             p.add_argument(flag(f.name), type=f.type, metavar=f.type.__name__.upper(),
                            help=f"{docs[f.name]} (default {f.default})")
