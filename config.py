@@ -249,8 +249,8 @@ def flag(name):
 def close_names(word, known, n=2):
     """The known names that start with word (--lr: --lr-init), else the most similar ones. Compared without the
     leading "--" that every flag shares, which made --bogus look like --blocks."""
-    starts = [k for k in known if k.startswith(word) and k != word]
-    return sorted(starts, key=len)[:n] or difflib.get_close_matches(word, known, n=n)
+    starts = sorted((k for k in known if k.startswith(word)), key=len)
+    return starts[:n] or difflib.get_close_matches(word, known, n=n)
 
 
 class Parser(argparse.ArgumentParser):
@@ -260,9 +260,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         if message.startswith("unrecognized arguments"):
             known = [s[2:] for s in self._option_string_actions if s.startswith("--") and s != "--help"]
-            hints = [f"did you mean {' or '.join('--' + c for c in close)}"
-                     for a in message.split(": ")[1].split() if a.startswith("--")
-                     for close in [close_names(a[2:].split("=")[0].replace("_", "-"), known)] if close]
+            hints = []
+            for arg in message.split(": ")[1].split():
+                close = close_names(arg[2:].split("=")[0].replace("_", "-"), known) if arg.startswith("--") else []
+                if close:
+                    hints.append("did you mean " + " or ".join("--" + c for c in close))
             message += "; " + ", ".join(hints) if hints else ""
         raise UsageError(f"{message} (see {self.prog} --help)")
 
