@@ -3,8 +3,11 @@
 import csv
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -308,7 +311,35 @@ def test_smoke_run_atari_collects_learns_evaluates_checkpoints_and_resumes(tmp_p
 LEARN_SEED = 174  # curve: CARTPOLE.md round 17c (seeds 168-183); 500 from 7,000 env steps (14,000 updates) on
 
 
-def test_cartpole_learns_and_holds(tmp_path):
+LEARNING_RUN = {}  # the learning run's process, folder, log file and start time, once started
+
+
+def start_learning_run():
+    """Starts the run of the test below in its own process (once), in a fresh folder. tests/conftest.py calls this
+    as soon as the test is selected, so that on a 2-core machine the run overlaps the rest of the suite; its
+    result does not depend on that (one torch thread, every draw from seeded generators)."""
+    if not LEARNING_RUN:
+        folder = tempfile.mkdtemp(prefix="ez_learning_run_")
+        log = open(os.path.join(folder, "train.log"), "w")
+        proc = subprocess.Popen([sys.executable, "train.py", "--preset", "cartpole", "--seed", str(LEARN_SEED),
+                                 "--runs-dir", os.path.join(folder, "runs")], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+        LEARNING_RUN.update(proc=proc, folder=folder, log=log, started=time.monotonic())
+    return LEARNING_RUN
+
+
+def stop_learning_run():
+    """Ends the run if it is still going (the session ended before its test) and removes its folder."""
+    if LEARNING_RUN:
+        if LEARNING_RUN["proc"].poll() is None:
+            LEARNING_RUN["proc"].kill()
+            LEARNING_RUN["proc"].wait()
+        LEARNING_RUN["log"].close()
+        shutil.rmtree(LEARNING_RUN["folder"], ignore_errors=True)
+        LEARNING_RUN.clear()
+
+
+def test_cartpole_learns_and_holds():
     """The proof that self-play, search, replay, the value and value-prefix targets and all four losses work
     together, and keep what they learned: with the cartpole preset (10,000 env steps, 20,000 updates, an evaluation
     of 8 games every 2,000 updates, argmax of a no-noise search), the untrained network scores about 22 and the
@@ -321,9 +352,16 @@ def test_cartpole_learns_and_holds(tmp_path):
     env.close()
     baseline, _ = train.evaluate(untrained, cfg, cfg.eval_episodes, cfg.seed + cfg.num_envs,
                                  cfg.eval_max_episode_steps, cfg.num_simulations)
-    out = run_train("--preset", "cartpole", "--seed", str(LEARN_SEED), "--runs-dir", str(tmp_path), timeout=900)
-    (run,) = os.listdir(tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / run / "eval.csv")))
+    run = start_learning_run()
+    try:
+        run["proc"].wait(timeout=max(1.0, 900 - (time.monotonic() - run["started"])))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the CartPole learning run took more than 15 minutes")
+    out = open(os.path.join(run["folder"], "train.log")).read()
+    assert run["proc"].returncode == 0, out[-3000:]
+    runs_dir = os.path.join(run["folder"], "runs")
+    (name,) = os.listdir(runs_dir)
+    rows = list(csv.DictReader(open(os.path.join(runs_dir, name, "eval.csv"))))
     curve = [(int(r["env_steps"]), int(r["updates"]), float(r["seconds"]), float(r["mean"])) for r in rows]
     print(f"CartPole untrained: {baseline.mean():.1f}; curve (env steps, updates, seconds, eval return): {curve}")
     assert baseline.mean() < 50, baseline
