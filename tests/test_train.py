@@ -311,7 +311,7 @@ def test_smoke_run_atari_collects_learns_evaluates_checkpoints_and_resumes(tmp_p
 LEARN_SEED = 174  # curve: CARTPOLE.md round 17c (seeds 168-183); 500 from 7,000 env steps (14,000 updates) on
 
 
-LEARNING_RUN = {}  # the learning run's process, folder, log file and start time, once started
+LEARNING_RUN = {}  # the learning run's process, folder and start time, once started
 
 
 def start_learning_run():
@@ -320,11 +320,11 @@ def start_learning_run():
     result does not depend on that (one torch thread, every draw from seeded generators)."""
     if not LEARNING_RUN:
         folder = tempfile.mkdtemp(prefix="ez_learning_run_")
-        log = open(os.path.join(folder, "train.log"), "w")
-        proc = subprocess.Popen([sys.executable, "train.py", "--preset", "cartpole", "--seed", str(LEARN_SEED),
-                                 "--runs-dir", os.path.join(folder, "runs")], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
-        LEARNING_RUN.update(proc=proc, folder=folder, log=log, started=time.monotonic())
+        with open(os.path.join(folder, "train.log"), "w") as log:  # the child keeps its own handle
+            proc = subprocess.Popen([sys.executable, "train.py", "--preset", "cartpole", "--seed", str(LEARN_SEED),
+                                     "--runs-dir", os.path.join(folder, "runs")], cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        LEARNING_RUN.update(proc=proc, folder=folder, started=time.monotonic())
     return LEARNING_RUN
 
 
@@ -334,7 +334,6 @@ def stop_learning_run():
         if LEARNING_RUN["proc"].poll() is None:
             LEARNING_RUN["proc"].kill()
             LEARNING_RUN["proc"].wait()
-        LEARNING_RUN["log"].close()
         shutil.rmtree(LEARNING_RUN["folder"], ignore_errors=True)
         LEARNING_RUN.clear()
 
