@@ -136,6 +136,10 @@ class Config:
     """prior <- (1 - f) prior + f noise"""
     acting_temperature: float = 0.0
     """self-play's T in a ~ n(a)^(1/T); 0: 1, then 0.5 and 0.25 from 1/2 and 3/4 of training_steps (EZ_SPEC §6)"""
+    greedy_fraction: float = 0.0
+    """fraction of the self-play envs (the last round(f * num_envs)) that play as evaluation does: a search without
+    root noise and its most visited action, instead of noise and a sample at the acting temperature; 0: none, as
+    the original"""
     value_delta_max: float = 0.01
     """floor of max - min in the Q normalization"""
     lstm_horizon_len: int = 5
@@ -315,7 +319,8 @@ RANGES = dict(discount="(0, 1]", lr_init="(0, inf)", lr_warm_up="[0, 1]", lr_dec
               policy_loss_coeff="[0, inf)", value_prefix_loss_coeff="[0, inf)", consistency_coeff="[0, inf)",
               priority_alpha="[0, inf)", priority_beta="[0, 1]", priority_eps="(0, inf)", reanalyze_ratio="[0, 1]",
               pb_c_base="(0, inf)", pb_c_init="[0, inf)", root_dirichlet_alpha="(0, inf)",
-              root_exploration_fraction="[0, 1]", acting_temperature="[0, inf)", value_delta_max="(0, inf)")
+              root_exploration_fraction="[0, 1]", acting_temperature="[0, inf)", greedy_fraction="[0, 1]",
+              value_delta_max="(0, inf)")
 
 
 def in_interval(value, interval):

@@ -300,7 +300,7 @@ def search_kwargs(cfg) -> dict:
                 cuda_graphs=getattr(cfg, "cuda_graphs", True))  # (configs made before the field: on)
 
 
-def search(model, root, num_simulations: int, *, add_noise: bool, generator: torch.Generator,
+def search(model, root, num_simulations: int, *, add_noise: bool | torch.Tensor, generator: torch.Generator,
            gamma: float = 0.997**4, pb_c_base: float = 19652, pb_c_init: float = 1.25,
            root_dirichlet_alpha: float = 0.3, root_exploration_fraction: float = 0.25,
            lstm_horizon_len: int = 5, value_delta_max: float = 0.01, backend: str = "auto",
@@ -335,9 +335,10 @@ def search(model, root, num_simulations: int, *, add_noise: bool, generator: tor
 
         # Root (EZ_SPEC §3 Root expansion): visit 1, value_sum = network value, prior from the policy
         prior = torch.softmax(root.policy_logits.float(), dim=-1)  # [B, A]
-        if add_noise:  # P <- (1 - f) P + f Dir(alpha), self-play and reanalysis
+        if add_noise is not False:  # P <- (1 - f) P + f Dir(alpha), self-play and reanalysis (True or a [B] mask)
             noise = sample_dirichlet(root_dirichlet_alpha, B, A, generator, device)  # [B, A]
-            prior = (1 - root_exploration_fraction) * prior + root_exploration_fraction * noise
+            noisy = (1 - root_exploration_fraction) * prior + root_exploration_fraction * noise
+            prior = noisy if add_noise is True else torch.where(add_noise[:, None], noisy, prior)
         tree.prior[:, ROOT] = prior
         tree.visit_count[:, ROOT] = 1
         tree.value_sum[:, ROOT] = root.value.float()

@@ -326,6 +326,10 @@ def test_dirichlet_noise_only_when_asked():
     noise = (noisy - 0.75 * p) / 0.25  # P <- 0.75 P + 0.25 Dir(0.3)
     assert (noise > -1e-5).all() and torch.allclose(noise.sum(-1), torch.ones(B), atol=1e-5)
     assert (noise - 1 / A).abs().mean() > 0.05  # Dir(0.3) rows are far from uniform
+    mask = torch.arange(B) % 3 > 0                                  # a [B] mask: noise at those roots only
+    some = run(model, root, n, add_noise=mask).tree.prior[:, 0]
+    torch.testing.assert_close(some[mask], noisy[mask], atol=1e-6, rtol=0)   # the same draw, where asked
+    torch.testing.assert_close(some[~mask], p[~mask], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("alpha", [0.3, 2.5])

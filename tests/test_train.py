@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,6 +100,30 @@ def test_temperature_schedule():
     assert [train.visit_softmax_temperature(u, cfg) for u in (0, 49_999, 50_000, 74_999, 75_000)] == [1, 1, 0.5, 0.5, 0.25]
     fixed = Config(acting_temperature=0.3)                            # --acting-temperature: one T for the whole run
     assert [train.visit_softmax_temperature(u, fixed) for u in (0, 50_000, 99_999)] == [0.3, 0.3, 0.3]
+
+
+def test_greedy_fraction_makes_the_last_envs_play_as_evaluation(monkeypatch):
+    # visits 13 : 12 at every root: a sampling env (T = 1) takes action 1 about half the time, a greedy one never;
+    # the greedy envs' roots get no noise
+    cfg = tiny_cartpole(num_envs=4, greedy_fraction=0.5, start_transitions=80, num_simulations=25)
+    env = make_env(cfg.game, cfg.num_envs, 0)
+    st = train.build(cfg, env, torch.device("cpu"))
+    visits, noise = torch.tensor([[13, 12]] * 4), []
+
+    def fake_search(model, obs, cfg, num_simulations, add_noise, generator, tree):
+        noise.append(add_noise)
+        return SimpleNamespace(visit_counts=visits, root_values=torch.zeros(4), tree=None)
+    monkeypatch.setattr(train, "run_search", fake_search)
+    st.updates, obs = 1, env.reset()                                  # past the random warm-up
+    for _ in range(30):
+        obs = train.selfplay_step(st, env, obs, None, cfg)[0]
+    actions = st.buf.actions[:len(st.buf)].reshape(-1, 4)              # [steps, E]: lockstep, env-major rows
+    assert (actions[:, 2:] == 0).all()                                # the last round(0.5 * 4) = 2: argmax
+    assert (actions[:, :2] == 1).float().mean() > 0.25                # the others sample (P(all 0) < 1e-16)
+    targets = torch.tensor([[13 / 25, 12 / 25]]).expand(120, 2)     # policy targets: the visits, whoever acted
+    torch.testing.assert_close(st.buf.child_visits[:len(st.buf)], targets)
+    assert all(m.tolist() == [True, True, False, False] for m in noise)
+    env.close()
 
 
 def test_augmentation_shifts_by_at_most_4_pixels_and_shares_the_target_draw():
