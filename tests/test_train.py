@@ -117,9 +117,9 @@ def test_greedy_fraction_makes_the_last_envs_play_as_evaluation(monkeypatch):
     st.updates, obs = 1, env.reset()                                  # past the random warm-up
     for _ in range(30):
         obs = train.selfplay_step(st, env, obs, None, cfg)[0]
-    actions = st.buf.actions[:len(st.buf)].reshape(-1, 4)              # [steps, E]: lockstep, env-major rows
+    actions = st.buf.actions[:len(st.buf)].reshape(-1, 4)              # [steps, E]: a step stores its E envs in a row
     assert (actions[:, 2:] == 0).all()                                # the last round(0.5 * 4) = 2: argmax
-    assert (actions[:, :2] == 1).float().mean() > 0.25                # the others sample (P(all 0) < 1e-16)
+    assert (actions[:, :2] == 1).float().mean() > 0.25                # the others sample: 12 / 25 expected
     targets = torch.tensor([[13 / 25, 12 / 25]]).expand(120, 2)     # policy targets: the visits, whoever acted
     torch.testing.assert_close(st.buf.child_visits[:len(st.buf)], targets)
     assert all(m.tolist() == [True, True, False, False] for m in noise)
