@@ -244,12 +244,13 @@ def collect_now(st, cfg):
 
 
 def selfplay_step(st, env, obs, tree, cfg):
-    """One lockstep step of the E envs, chosen by one batched search with root noise (EZ_SPEC §6); stores the
-    transitions. -> next obs [E, *O], the search tree (reused), raw scores of the games that ended."""
+    """One lockstep step of the E envs, chosen by one batched search with root noise (EZ_SPEC §6; the last
+    round(greedy_fraction * E) envs play as evaluation: no noise, argmax); stores the transitions.
+    -> next obs [E, *O], the search tree (reused), raw scores of the games that ended."""
     obs = torch.as_tensor(obs, device=st.device)          # sync point: the envs' observations to the device, once
     E, A = cfg.num_envs, env.num_actions
-    greedy = round(cfg.greedy_fraction * E)   # the last `greedy` envs play as evaluation: no root noise, argmax
-    noise = True if greedy == 0 else torch.arange(E, device=st.device) < E - greedy
+    greedy = round(cfg.greedy_fraction * E)
+    noise = torch.arange(E, device=st.device) < E - greedy                          # [E] root noise where True
     result = run_search(st.selfplay_model, obs, cfg, cfg.num_simulations, noise, st.generator, tree)
     if st.updates == 0:  # before learning: uniform random actions and uniform policy targets (EZ_SPEC §6)
         actions = torch.randint(A, (E,), generator=st.generator, device=st.device)
@@ -257,7 +258,8 @@ def selfplay_step(st, env, obs, tree, cfg):
     else:
         temperature = visit_softmax_temperature(st.updates, cfg)
         actions = select_action(result.visit_counts, temperature, st.generator, deterministic=False)
-        actions[E - greedy:] = result.visit_counts[E - greedy:].argmax(-1)
+        greedy_visits = result.visit_counts[E - greedy:]
+        actions[E - greedy:] = select_action(greedy_visits, temperature, st.generator, deterministic=True)
         visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1
     next_obs, reward, done, info = env.step(actions.cpu().numpy())                 # sync point: the envs run on the host
     # A time limit cuts the episode (truncated: not an absorbing state), unless cfg says it ends it as the original.
