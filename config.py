@@ -140,6 +140,10 @@ class Config:
     """fraction of the self-play envs (the last round(f * num_envs)) that play as evaluation does: a search without
     root noise and its most visited action, instead of noise and a sample at the acting temperature; 0: none, as
     the original (CARTPOLE.md round 19 tried 0.5: not adopted)"""
+    explore_hold: int = 1
+    """while the acting temperature is 1 (the random warm-up included), each self-play env that samples its actions
+    keeps the one it chose for this many steps (a new episode chooses anew), searching every step as before; 1:
+    every step chooses, as the original (CARTPOLE.md round 20)"""
     value_delta_max: float = 0.01
     """floor of max - min in the Q normalization"""
     lstm_horizon_len: int = 5
@@ -309,8 +313,8 @@ def parse_args(argv=None, description=None):
 
 
 POSITIVE = ["num_envs", "max_episode_steps", "total_transitions", "start_transitions", "training_steps", "batch_size",
-            "num_unroll_steps", "td_steps", "num_simulations", "lstm_horizon_len", "eval_interval", "eval_episodes",
-            "eval_max_episode_steps", "log_interval", "save_interval", "target_refresh_interval",
+            "num_unroll_steps", "td_steps", "explore_hold", "num_simulations", "lstm_horizon_len", "eval_interval",
+            "eval_episodes", "eval_max_episode_steps", "log_interval", "save_interval", "target_refresh_interval",
             "selfplay_refresh_interval", "lr_decay_steps", "channels", "blocks", "reduced_channels", "fc_hidden",
             "lstm_hidden", "support_size", "proj_hid", "proj_out", "pred_hid", "pred_out", "hidden", "latent_dim"]
 # float fields: the interval of sensible values, in math notation

@@ -184,6 +184,8 @@ def build(cfg, env, device):
                          alpha=cfg.priority_alpha, frame_dtype=torch.uint8 if env.is_atari else torch.float32,
                          device=device),                    # all on the training device: no host sync to sample
         generator=torch.Generator(device).manual_seed(cfg.seed),   # every draw: search noise, tie-breaks, actions, replay
+        held=torch.zeros(cfg.num_envs, dtype=torch.long, device=device),        # explore_hold: each env's last
+        hold_left=torch.zeros(cfg.num_envs, dtype=torch.long, device=device),   # action, steps it still repeats it
         env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"), eval_updates=-1,
         best_eval=float("nan"), best_updates=-1)
 
@@ -252,16 +254,23 @@ def selfplay_step(st, env, obs, tree, cfg):
     greedy = round(cfg.greedy_fraction * E)
     noise = torch.arange(E, device=st.device) < E - greedy                          # [E] root noise where True
     result = run_search(st.selfplay_model, obs, cfg, cfg.num_simulations, noise, st.generator, tree)
+    temperature = visit_softmax_temperature(st.updates, cfg)
     if st.updates == 0:  # before learning: uniform random actions and uniform policy targets (EZ_SPEC §6)
         actions = torch.randint(A, (E,), generator=st.generator, device=st.device)
         visit_dist = torch.full((E, A), 1 / A, device=st.device)
     else:
-        temperature = visit_softmax_temperature(st.updates, cfg)
         actions = select_action(result.visit_counts, temperature, st.generator, deterministic=False)
         greedy_visits = result.visit_counts[E - greedy:]
         actions[E - greedy:] = select_action(greedy_visits, temperature, st.generator, deterministic=True)
         visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1
+    if cfg.explore_hold > 1 and temperature == 1:  # held exploration: envs inside a hold repeat their last action
+        keep = (st.hold_left > 0) & noise
+        actions = torch.where(keep, st.held, actions)
+        st.hold_left = torch.where(keep, st.hold_left - 1, cfg.explore_hold - 1)
+        st.held = actions
     next_obs, reward, done, info = env.step(actions.cpu().numpy())                 # sync point: the envs run on the host
+    if cfg.explore_hold > 1:
+        st.hold_left[torch.as_tensor(done, device=st.device)] = 0                  # a new episode chooses anew
     # A time limit cuts the episode (truncated: not an absorbing state), unless cfg says it ends it as the original.
     truncated = None if cfg.time_limit_terminal else info["truncated"]
     st.buf.add(obs, actions, reward, done, result.root_values, visit_dist, info["final_obs"], truncated)

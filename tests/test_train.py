@@ -126,6 +126,44 @@ def test_greedy_fraction_makes_the_last_envs_play_as_evaluation(monkeypatch):
     env.close()
 
 
+def test_explore_hold_repeats_sampled_actions_while_the_temperature_is_1(monkeypatch):
+    # visits 13 : 12 at every root, hold 3: a sampling env changes its action only at steps 0, 3, 6, ... of its
+    # episode (a new episode chooses anew), a greedy one plays as the evaluation; from half of training (T = 0.5)
+    # every step chooses again
+    cfg = tiny_cartpole(num_envs=4, greedy_fraction=0.5, explore_hold=3, training_steps=100, start_transitions=80,
+                       total_transitions=1000)
+    env = make_env(cfg.game, cfg.num_envs, 0)
+    st = train.build(cfg, env, torch.device("cpu"))
+    visits = torch.tensor([[13, 12]] * 4)
+    monkeypatch.setattr(train, "run_search", lambda *a: SimpleNamespace(visit_counts=visits,
+                                                                          root_values=torch.zeros(4), tree=None))
+
+    obs = [env.reset()]
+
+    def play(steps):
+        start = len(st.buf)
+        for _ in range(steps):
+            obs[0] = train.selfplay_step(st, env, obs[0], None, cfg)[0]
+        slots = torch.arange(start, len(st.buf))
+        chose = torch.ones(len(slots), dtype=torch.bool)              # the step chose its action anew
+        prev = slots - 4                                              # the same env's previous step
+        same_episode = (prev >= 0) & (st.buf.ep_start[slots] <= prev.clamp(min=0))
+        chose[same_episode] = st.buf.actions[slots[same_episode]] != st.buf.actions[prev[same_episode]]
+        position = (slots - st.buf.ep_start[slots]) // 4              # the step's index in its episode
+        return chose.reshape(-1, 4), position.reshape(-1, 4), st.buf.actions[slots].reshape(-1, 4)
+
+    for st.updates in (0, 1):                                         # the random warm-up, then searched actions
+        chose, position, actions = play(60)
+        assert not chose[:, :2][position[:, :2] % 3 != 0].any()       # sampling envs: new actions only every 3rd
+        assert chose[:, :2][position[:, :2] % 3 == 0].float().mean() > 0.25
+        if st.updates:
+            assert (actions[:, 2:] == 0).all()                        # greedy envs: argmax every step, no hold
+    st.updates = 50                                                   # T = 0.5 from half of training_steps: no hold
+    chose, position, _ = play(60)
+    assert chose[:, :2][position[:, :2] % 3 != 0].float().mean() > 0.25
+    env.close()
+
+
 def test_augmentation_shifts_by_at_most_4_pixels_and_shares_the_target_draw():
     torch.manual_seed(0)
     B, K1, C, H, W = 16, 3, 6, 12, 12
