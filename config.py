@@ -141,9 +141,10 @@ class Config:
     root noise and its most visited action, instead of noise and a sample at the acting temperature; 0: none, as
     the original (CARTPOLE.md round 19 tried 0.5: not adopted)"""
     explore_hold: int = 1
-    """while the acting temperature is 1 (the random warm-up included), each self-play env that samples its actions
-    keeps the one it chose for this many steps (a new episode chooses anew), searching every step as before; 1:
-    every step chooses, as the original (CARTPOLE.md round 20)"""
+    """while the acting temperature is 1 (the random warm-up included), the self-play envs that sample their actions
+    keep each one they chose for 1 to this many steps, spread evenly over the envs (8 envs, 4: 1 1 2 2 3 3 4 4;
+    a new episode chooses anew), searching every step as before; 1: every step chooses, as the original
+    (CARTPOLE.md round 20)"""
     value_delta_max: float = 0.01
     """floor of max - min in the Q normalization"""
     lstm_horizon_len: int = 5

@@ -264,9 +264,11 @@ def selfplay_step(st, env, obs, tree, cfg):
         actions[E - greedy:] = select_action(greedy_visits, temperature, st.generator, deterministic=True)
         visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1
     if cfg.explore_hold > 1 and temperature == 1:  # held exploration: envs inside a hold repeat their last action
-        keep = (st.hold_left > 0) & noise
+        hold = torch.ones(E, dtype=torch.long, device=st.device)           # [E] steps env e keeps a chosen action
+        hold[:E - greedy] = torch.linspace(1, cfg.explore_hold, E - greedy, device=st.device).round().long()
+        keep = st.hold_left > 0
         actions = torch.where(keep, st.held, actions)
-        st.hold_left = torch.where(keep, st.hold_left - 1, cfg.explore_hold - 1)
+        st.hold_left = torch.where(keep, st.hold_left - 1, hold - 1)
         st.held = actions
     next_obs, reward, done, info = env.step(actions.cpu().numpy())                 # sync point: the envs run on the host
     if cfg.explore_hold > 1:
