@@ -186,6 +186,7 @@ def build(cfg, env, device):
         generator=torch.Generator(device).manual_seed(cfg.seed),   # every draw: search noise, tie-breaks, actions, replay
         held=torch.zeros(cfg.num_envs, dtype=torch.long, device=device),        # explore_hold: each env's last
         hold_left=torch.zeros(cfg.num_envs, dtype=torch.long, device=device),   # action, steps it still repeats it
+        # (not in the checkpoint: a resumed run's envs start new episodes, which choose anew)
         env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"), eval_updates=-1,
         best_eval=float("nan"), best_updates=-1)
 
@@ -247,7 +248,8 @@ def collect_now(st, cfg):
 
 def selfplay_step(st, env, obs, tree, cfg):
     """One lockstep step of the E envs, chosen by one batched search with root noise (EZ_SPEC §6; the last
-    round(greedy_fraction * E) envs play as evaluation: no noise, argmax); stores the transitions.
+    round(greedy_fraction * E) envs play as evaluation: no noise, argmax; with explore_hold N the others keep a
+    chosen action for 1..N steps while the temperature is 1); stores the transitions.
     -> next obs [E, *O], the search tree (reused), raw scores of the games that ended."""
     obs = torch.as_tensor(obs, device=st.device)          # sync point: the envs' observations to the device, once
     E, A = cfg.num_envs, env.num_actions
