@@ -143,7 +143,7 @@ class Config:
     explore_hold: int = 1
     """while the acting temperature is 1 (the random warm-up included), the self-play envs that sample their actions
     keep each one they chose for 1 to this many steps, spread evenly over the envs (8 envs, 4: 1 1 2 2 3 3 4 4;
-    a new episode chooses anew), searching every step as before; 1: every step chooses, as the original
+    one env: 4; a new episode chooses anew), searching every step as before; 1: every step chooses, as the original
     (CARTPOLE.md round 20 tried 4: Acrobot-v1 found its goal on 7 of 7 seeds, CartPole-v1 lost; not adopted)"""
     value_delta_max: float = 0.01
     """floor of max - min in the Q normalization"""

@@ -267,7 +267,8 @@ def selfplay_step(st, env, obs, tree, cfg):
         visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1
     if cfg.explore_hold > 1 and temperature == 1:  # held exploration: envs inside a hold repeat their last action
         hold = torch.ones(E, dtype=torch.long, device=st.device)           # [E] steps env e keeps a chosen action
-        hold[:E - greedy] = torch.linspace(1, cfg.explore_hold, E - greedy, device=st.device).round().long()
+        S, N = E - greedy, cfg.explore_hold                                # the sampling envs: 1..N, or N alone
+        hold[:S] = torch.linspace(1 if S > 1 else N, N, S, device=st.device).round().long()
         keep = st.hold_left > 0
         actions = torch.where(keep, st.held, actions)
         st.hold_left = torch.where(keep, st.hold_left - 1, hold - 1)

@@ -165,6 +165,21 @@ def test_explore_hold_repeats_sampled_actions_while_the_temperature_is_1(monkeyp
     env.close()
 
 
+def test_explore_hold_with_one_env_holds_for_the_whole_n(monkeypatch):
+    cfg = tiny_cartpole(num_envs=1, explore_hold=3, start_transitions=20, total_transitions=200, batch_size=4)
+    env = make_env(cfg.game, 1, 0)
+    st = train.build(cfg, env, torch.device("cpu"))
+    obs = env.reset()
+    for _ in range(60):                                               # the random warm-up: T = 1
+        obs = train.selfplay_step(st, env, obs, None, cfg)[0]
+    actions, start = st.buf.actions[:60], st.buf.ep_start[:60]
+    position = torch.arange(60) - start                              # one env: a step's index in its episode
+    inside = (position % 3 != 0)
+    assert (actions[inside] == actions[torch.arange(60)[inside] - 1]).all()
+    assert (actions[1:] != actions[:-1]).any()
+    env.close()
+
+
 def test_augmentation_shifts_by_at_most_4_pixels_and_shares_the_target_draw():
     torch.manual_seed(0)
     B, K1, C, H, W = 16, 3, 6, 12, 12
