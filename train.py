@@ -186,9 +186,19 @@ def build(cfg, env, device):
         generator=torch.Generator(device).manual_seed(cfg.seed),   # every draw: search noise, tie-breaks, actions, replay
         held=torch.zeros(cfg.num_envs, dtype=torch.long, device=device),        # explore_hold: each env's last
         hold_left=torch.zeros(cfg.num_envs, dtype=torch.long, device=device),   # action, steps it still repeats it
-        # (not in the checkpoint: a resumed run's envs start new episodes, which choose anew)
+        hold_len=hold_lengths(cfg, device),   # (not in the checkpoint: a resumed run's envs start new episodes)
         env_steps=0, updates=0, games=0, elapsed=0.0, last_eval=float("nan"), eval_updates=-1,
         best_eval=float("nan"), best_updates=-1)
+
+
+def hold_lengths(cfg, device):
+    """[E] steps each self-play env keeps a chosen action under explore_hold N: 1..N spread evenly over the
+    sampling envs (a lone one: N), 1 for the greedy ones."""
+    E, N = cfg.num_envs, cfg.explore_hold
+    S = E - round(cfg.greedy_fraction * E)
+    hold = torch.ones(E, dtype=torch.long, device=device)
+    hold[:S] = torch.linspace(1 if S > 1 else N, N, S, device=device).round().long()
+    return hold
 
 
 # last_eval: the latest evaluation's mean, eval_updates its update (-1: none yet), best_*: the best one's
@@ -266,12 +276,9 @@ def selfplay_step(st, env, obs, tree, cfg):
         actions[E - greedy:] = select_action(greedy_visits, temperature, st.generator, deterministic=True)
         visit_dist = result.visit_counts / cfg.num_simulations                      # [E, A] targets at T = 1
     if cfg.explore_hold > 1 and temperature == 1:  # held exploration: envs inside a hold repeat their last action
-        hold = torch.ones(E, dtype=torch.long, device=st.device)           # [E] steps env e keeps a chosen action
-        S, N = E - greedy, cfg.explore_hold                                # the sampling envs: 1..N, or N alone
-        hold[:S] = torch.linspace(1 if S > 1 else N, N, S, device=st.device).round().long()
         keep = st.hold_left > 0
         actions = torch.where(keep, st.held, actions)
-        st.hold_left = torch.where(keep, st.hold_left - 1, hold - 1)
+        st.hold_left = torch.where(keep, st.hold_left - 1, st.hold_len - 1)
         st.held = actions
     next_obs, reward, done, info = env.step(actions.cpu().numpy())                 # sync point: the envs run on the host
     if cfg.explore_hold > 1:
