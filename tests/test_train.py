@@ -427,8 +427,8 @@ def test_cartpole_learns_and_holds():
     together, and keep what they learned: with the cartpole preset at one update per env step (10,000 env steps
     and updates, an evaluation of 8 games every 1,000 updates, argmax of a no-noise search), the untrained network
     scores about 22 and the mean of the run's last two evaluations is at least 400 (a run that learned, then
-    forgot, fails). The run is bounded by its steps, and
-    deterministic on a CPU (one torch thread, every draw from seeded generators)."""
+    forgot, fails). The run is bounded by its steps, and deterministic on a CPU (one torch thread, every draw from
+    seeded generators)."""
     cfg = train.check_config(Config(**{**train.PRESETS["cartpole"], **LEARN_ARGS}))
     env = make_env(cfg.game, 1, 0)
     untrained = make_model(**train.model_args(cfg, env.obs_shape, env.num_actions))
