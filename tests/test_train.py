@@ -16,6 +16,7 @@ import torch
 
 import train
 from atari import make_env
+from config import flag
 from model import make_model
 from reanalyze import Targets, reanalyze
 from train import Config, UsageError
@@ -405,7 +406,7 @@ def start_learning_run():
         folder = tempfile.mkdtemp(prefix="ez_learning_run_")
         with open(os.path.join(folder, "train.log"), "w") as log:  # the child keeps its own handle
             proc = subprocess.Popen([sys.executable, "train.py", "--preset", "cartpole", "--seed", str(LEARN_SEED),
-                                     *[a for k, v in LEARN_ARGS.items() for a in (f"--{k.replace('_', '-')}", str(v))],
+                                     *[a for k, v in LEARN_ARGS.items() for a in (flag(k), str(v))],
                                      "--runs-dir", os.path.join(folder, "runs")], cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT)
         LEARNING_RUN.update(proc=proc, folder=folder, started=time.monotonic())
