@@ -69,8 +69,8 @@ def support_to_scalar(logits: torch.Tensor, support_size: int) -> torch.Tensor:
 class NetworkOutput(NamedTuple):
     latent: torch.Tensor                           # [B, *latent_shape]
     lstm_state: tuple                              # (h, c), each [B, H]
-    value_prefix: torch.Tensor                     # [B] scalar; 0 at the root
-    value: torch.Tensor                            # [B] scalar
+    value_prefix: Optional[torch.Tensor]           # [B] scalar; 0 at the root; None if scalars=False
+    value: Optional[torch.Tensor]                  # [B] scalar; None if scalars=False
     policy_logits: torch.Tensor                    # [B, A]
     value_prefix_logits: Optional[torch.Tensor]    # [B, S]; None from initial_inference
     value_logits: torch.Tensor                     # [B, S]
@@ -187,16 +187,18 @@ class _Inference(nn.Module):
         latent = self.representation(obs)
         return normalize_state(latent) if self.state_norm else latent
 
-    def recurrent_inference(self, latent, lstm_state, action, depth) -> NetworkOutput:
-        """One dynamics step and the prediction of the new latent, at `depth` (int or [B]) = its depth."""
+    def recurrent_inference(self, latent, lstm_state, action, depth, scalars=True) -> NetworkOutput:
+        """One dynamics step and the prediction of the new latent, at `depth` (int or [B]) = its depth.
+        scalars=False leaves value_prefix and value None: the learner's unroll reads only the logits, and the
+        two support_to_scalar calls were about an eighth of a CartPole update."""
         next_latent, value_prefix_logits, lstm_state = self.dynamics(latent, action, lstm_state, depth)
         if self.state_norm:
             next_latent = normalize_state(next_latent)
         policy_logits, value_logits = self.prediction(next_latent, depth)
-        return NetworkOutput(next_latent, lstm_state,
-                             support_to_scalar(value_prefix_logits, self.support_size),
-                             support_to_scalar(value_logits, self.support_size),
-                             policy_logits, value_prefix_logits, value_logits)
+        value_prefix = support_to_scalar(value_prefix_logits, self.support_size) if scalars else None
+        value = support_to_scalar(value_logits, self.support_size) if scalars else None
+        return NetworkOutput(next_latent, lstm_state, value_prefix, value, policy_logits, value_prefix_logits,
+                             value_logits)
 
     def project(self, latent: torch.Tensor, with_predictor: bool) -> torch.Tensor:
         """SimSiam branches (EZ_SPEC §2.4): projection, plus the predictor on the online branch only."""

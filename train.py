@@ -109,7 +109,7 @@ def unroll_losses(model, obs, actions, mask, targets, cfg):
     consistency = torch.zeros_like(value_loss)
     latent, lstm_state = out.latent, out.lstm_state
     for k in range(1, K + 1):
-        step = model.recurrent_inference(latent, lstm_state, actions[:, k - 1], k)  # s_k, prefix_k, (p_k, v_k)
+        step = model.recurrent_inference(latent, lstm_state, actions[:, k - 1], k, scalars=False)  # logits only
         latent = scale_gradient(step.latent, 0.5)                               # EZ_SPEC §4.3.3: 0.5 at every s_k
         m = mask[:, k - 1]                                                      # [B] a_{t+k-1} exists
         # Past a terminal state (the only place a sampled unroll runs out of data) the state is absorbing: value 0

@@ -188,6 +188,22 @@ def test_lstm_state_threads_through_recurrent_inference():
         torch.testing.assert_close(step2.latent, fresh.latent)        # the state path has no LSTM
 
 
+def test_recurrent_inference_without_scalars_gives_the_same_logits():
+    """The learner's unroll asks for logits only (scalars=False): the same latent, LSTM state and logits as a
+    full call in train mode, and no scalars (a wrong branch would show as a difference or as a tensor)."""
+    import copy
+    torch.manual_seed(0)
+    net = make_model((4,), 2, hidden=32, latent_dim=16, lstm_hidden=8, support_size=10, state_norm=True).train()
+    twin = copy.deepcopy(net)
+    obs, a = torch.randn(9, 4), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    full = net.recurrent_inference(*net.initial_inference(obs)[:2], a, 1)
+    lean = twin.recurrent_inference(*twin.initial_inference(obs)[:2], a, 1, scalars=False)
+    assert full.value is not None and lean.value is None and lean.value_prefix is None
+    for name in ("latent", "policy_logits", "value_prefix_logits", "value_logits"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+    assert all(torch.equal(x, y) for x, y in zip(full.lstm_state, lean.lstm_state))
+
+
 def test_mlp_variant_same_interface():
     torch.manual_seed(0)
     net = make_model((4,), 2, hidden=32, latent_dim=16, lstm_hidden=8, support_size=10,
