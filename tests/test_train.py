@@ -221,7 +221,8 @@ def test_ablation_switches_act_where_the_math_changes():
     cfg = tiny_cartpole(value_prefix=False)
     assert cfg.lstm_horizon_len == 1 and tiny_cartpole().lstm_horizon_len == 5
     seen, step = [], model.recurrent_inference
-    model.recurrent_inference = lambda latent, lstm, a, d: seen.append(lstm[0].abs().sum().item()) or step(latent, lstm, a, d)
+    model.recurrent_inference = lambda latent, lstm, a, d, **kw: (seen.append(lstm[0].abs().sum().item())
+                                                                  or step(latent, lstm, a, d, **kw))
     train.unroll_losses(model, obs, actions, mask, targets, cfg)
     assert seen == [0.0] * K
     seen.clear()
