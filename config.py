@@ -154,6 +154,10 @@ class Config:
     cuda_graphs: bool = True
     """on CUDA, record each search's simulation loop in a CUDA graph once per network and search size and replay
     it (mcts.py "CUDA graphs"); --no-cuda-graphs runs it eagerly"""
+    compile: bool = False
+    """torch.compile the learner's K-step unroll, forward and backward (train.py compiled_unroll): fewer, fused
+    operations per update, after a one-off compile per batch size; the same losses up to float rounding (the sums
+    run in another order). On a CPU it needs a C++ compiler (g++, or $CXX)"""
     # ---- network (EZ_SPEC §2; hidden and latent_dim are for vector observations) ----
     channels: int = 64
     """latent channels"""
@@ -238,7 +242,7 @@ class UsageError(Exception):
 
 # Fields a resumed run may change: where and how fast it runs, what it logs, and a longer budget. Every other
 # field would change the algorithm or the network of a run half done, so --resume refuses it.
-RESUMABLE = ("device", "torch_threads", "search_backend", "training_steps", "last_steps", "eval_interval",
+RESUMABLE = ("device", "torch_threads", "search_backend", "compile", "training_steps", "last_steps", "eval_interval",
              "eval_episodes", "eval_max_episode_steps", "log_interval", "save_interval", "save_buffer", "cuda_graphs")
 
 
@@ -353,6 +357,16 @@ def check_device(name):
     return device
 
 
+def check_cpp_compiler():
+    """UsageError unless torch.compile finds the C++ compiler it builds CPU kernels with (g++, or $CXX)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()
+    except Exception as e:
+        raise UsageError(f"--compile on the CPU needs a C++ compiler ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"install g++ (or set CXX), or add --no-compile") from None
+
+
 def check_backend(backend, device):
     if backend not in ("auto", "torch", "triton", "numba"):
         raise UsageError(f"--search-backend {backend!r}: use auto, torch, triton or numba")
@@ -403,7 +417,10 @@ def check_config(cfg):
         raise UsageError(f"--bn-stats {cfg.bn_stats!r}: use depth or shared")
     if cfg.obs_norm and cfg.game in ALE_GAMES:
         raise UsageError(f"--obs-norm is for vector observations; {cfg.game}'s frames are already scaled to [0, 1]")
-    check_backend(cfg.search_backend, check_device(cfg.device))
+    device = check_device(cfg.device)
+    check_backend(cfg.search_backend, device)
+    if cfg.compile and device.type == "cpu":
+        check_cpp_compiler()
     if not cfg.value_prefix:  # the one place the value-prefix ablation acts: zeta = 1 (see README)
         cfg.lstm_horizon_len = 1
     return cfg

@@ -96,8 +96,8 @@ class DepthBatchNorm(nn.Module):
     def forward(self, x, depth=0):                                     # x [B, C] or [B, C, H, W]
         if isinstance(depth, int):
             d = min(depth, self.depths - 1)
-            if self.training:   # the running statistics move in place, and F.batch_norm bumps no tensor version
-                self._updates = getattr(self, "_updates", 0) + 1
+            if self.training:   # the running statistics move in place, and F.batch_norm bumps no tensor version:
+                self._scale_shift_key = None    # forget the inference table (a write only: torch.compile keeps it)
             return F.batch_norm(x, self.running_mean[d], self.running_var[d], self.weight, self.bias,
                                 self.training, self.momentum, self.eps)  # updates row d in place when training
         if self.training:
@@ -118,7 +118,7 @@ class DepthBatchNorm(nn.Module):
         refreshed in place). No gradient."""
         capturing = self.weight.is_cuda and torch.cuda.is_current_stream_capturing()
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
-        key = tuple((t.data_ptr(), t._version) for t in tensors) + (getattr(self, "_updates", 0),)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
         if capturing or getattr(self, "_scale_shift_key", None) != key:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)           # [depths, C]
             table = torch.cat([scale, self.bias - self.running_mean * scale], 1)   # [depths, 2C]

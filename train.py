@@ -128,6 +128,17 @@ def unroll_losses(model, obs, actions, mask, targets, cfg):
     return torch.stack([value_loss, policy_loss, prefix_loss, consistency]), out.value
 
 
+_COMPILED = {}
+
+
+def compiled_unroll():
+    """unroll_losses under torch.compile (--compile), made once per process: the modules' parameters and buffers
+    are inputs of its graphs, so every network of one shape shares them; one graph per batch size."""
+    if not _COMPILED:
+        _COMPILED["unroll"] = torch.compile(unroll_losses, dynamic=False)
+    return _COMPILED["unroll"]
+
+
 def train_step(st, batch, targets, cfg):
     """One SGD update (EZ_SPEC §4.3). -> mean losses [4] (a device tensor, no sync)."""
     device = st.device
@@ -138,7 +149,8 @@ def train_step(st, batch, targets, cfg):
     for group in st.optimizer.param_groups:
         group["lr"] = learning_rate(st.updates, cfg)
     with torch.autocast(device.type, dtype=torch.float16, enabled=st.scaler.is_enabled()):
-        losses, value_0 = unroll_losses(st.model, obs, batch.actions, batch.mask, targets, cfg)   # [4, B], [B]
+        unroll = compiled_unroll() if cfg.compile else unroll_losses
+        losses, value_0 = unroll(st.model, obs, batch.actions, batch.mask, targets, cfg)          # [4, B], [B]
         if cfg.value_window and not cfg.window_td_steps:                         # no value loss on older samples
             losses = torch.cat([losses[:1] * (batch.ages <= cfg.value_window), losses[1:]])
         loss = (batch.weights * sum(c * l for c, l in zip(coeffs, losses.float()))).mean()  # EZ_SPEC §4.3.4, PER
@@ -332,9 +344,10 @@ def measure_pace(cfg, device):
             t0 = time.perf_counter()
             obs, tree, _ = selfplay_step(st, env, obs, tree, small)
             step_s.append(time.perf_counter() - t0)
-        def update(batch_size):
+        def update(batch_size):   # --compile: batch B only (one graph per batch size; the run's is B's)
             t0 = time.perf_counter()
-            learner_step(st, dataclasses.replace(small, batch_size=batch_size))
+            compile_now = cfg.compile and batch_size == B
+            learner_step(st, dataclasses.replace(small, batch_size=batch_size, compile=compile_now))
             return time.perf_counter() - t0
         update_s = [update(b) for _ in range(2)][1] * B / b
         if B > b and update_s < 2.0:
@@ -375,7 +388,8 @@ def train(cfg, ckpt=None, run_dir=None, changed=None):
     work = sum(p.numel() for p in st.model.parameters()) * cfg.batch_size * total_updates * (
         cfg.num_unroll_steps + 1 + cfg.num_simulations)  # cartpole preset 1.8e11 (3 min here); below 1e10: seconds
     if device.type == "cpu" and work > 1e10 and not stop.requested:
-        print("timing a few self-play steps and updates on this CPU ...", flush=True)
+        print("timing a few self-play steps and updates on this CPU" + (" (and compiling the learner's unroll: a "
+              "minute or more the first time, then cached) ..." if cfg.compile else " ..."), flush=True)
         print(estimate(cfg, st, *measure_pace(cfg, device), time.time() - t_start), flush=True)
 
     ckpt_path, obs, tree = os.path.join(run_dir, "ckpt.pt"), env.reset(), None                 # obs [E, *O]

@@ -230,6 +230,48 @@ def test_ablation_switches_act_where_the_math_changes():
     assert seen[0] == 0 and all(s > 0 for s in seen[1:])              # the prefix LSTM carries its state
 
 
+def has_cpp_compiler():
+    try:
+        train.check_config(Config(compile=True, device="cpu"))
+        return True
+    except UsageError:
+        return False
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_unroll_gives_the_eager_losses_gradients_and_statistics():
+    # --compile: the same losses, gradients and BatchNorm running statistics up to float rounding, on two networks
+    # of one shape (their weights are inputs of the compiled graph, not constants baked into it)
+    cfg = tiny_cartpole(start_transitions=100, batch_size=32, num_unroll_steps=2)   # K = 2: fewer kernels to build
+    batch, targets, _ = one_step_on_random_data(cfg)
+    torch.manual_seed(0)
+    first = make_model(**train.model_args(cfg, (4,), 2)).train()
+    second = make_model(**train.model_args(cfg, (4,), 2)).train()
+    for net in (first, second):
+        eager = train.copy.deepcopy(net)
+        results = []
+        for model, unroll in ((eager, train.unroll_losses), (net, train.compiled_unroll())):
+            losses, value_0 = unroll(model, batch.obs, batch.actions, batch.mask, targets, cfg)
+            (losses.sum() + value_0.sum()).backward()
+            results.append((losses, value_0, [p.grad for p in model.parameters()], list(model.buffers())))
+        (l_e, v_e, g_e, b_e), (l_c, v_c, g_c, b_c) = results
+        torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v_c, v_e, rtol=1e-4, atol=1e-5)
+        for a, b in zip(g_c + b_c, g_e + b_e):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        moved = net.dynamics.bn.running_mean
+        assert (moved[1:] != 0).any() and (moved[0] == 0).all()                # depths 1..K moved, depth 0 not
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(monkeypatch):
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
+    with pytest.raises(UsageError, match=r"--compile on the CPU needs a C\+\+ compiler .*add --no-compile") as e:
+        train.check_config(Config(compile=True, device="cpu"))
+    assert "\n" not in str(e.value)
+    train.check_config(Config(compile=False, device="cpu"))                     # without --compile: no compiler needed
+
+
 def one_step_on_random_data(cfg):
     """The same 120 random transitions, weights and batch for every cfg: -> batch, targets, train_step's losses."""
     env = make_env(cfg.game, cfg.num_envs, 0)
