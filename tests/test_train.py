@@ -257,7 +257,12 @@ def test_compiled_unroll_gives_the_eager_losses_gradients_and_statistics():
         (l_e, v_e, g_e, b_e), (l_c, v_c, g_c, b_c) = results
         torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(v_c, v_e, rtol=1e-4, atol=1e-5)
-        for a, b in zip(g_c + b_c, g_e + b_e):
+        # gradients to 0.1% of each tensor's largest entry, plus 1e-5 of the largest of all: some are 0 but for
+        # rounding (a bias before another BatchNorm), and those differ by rounding alone
+        scale = max(g.abs().max() for g in g_e)
+        for a, b in zip(g_c, g_e):
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-5 * scale
+        for a, b in zip(b_c, b_e):                                                 # running statistics
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
         moved = net.dynamics.bn.running_mean
         assert (moved[1:] != 0).any() and (moved[0] == 0).all()                # depths 1..K moved, depth 0 not
