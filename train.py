@@ -16,6 +16,7 @@ Shape letters: E envs, B batch, K unroll steps, A actions, S = 2 * support_size 
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import random
 import sys
@@ -128,15 +129,11 @@ def unroll_losses(model, obs, actions, mask, targets, cfg):
     return torch.stack([value_loss, policy_loss, prefix_loss, consistency]), out.value
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def compiled_unroll():
     """unroll_losses under torch.compile (--compile), made once per process: the modules' parameters and buffers
     are inputs of its graphs, so every network of one shape shares them; one graph per batch size."""
-    if not _COMPILED:
-        _COMPILED["unroll"] = torch.compile(unroll_losses, dynamic=False)
-    return _COMPILED["unroll"]
+    return torch.compile(unroll_losses, dynamic=False)
 
 
 def train_step(st, batch, targets, cfg):
@@ -388,8 +385,8 @@ def train(cfg, ckpt=None, run_dir=None, changed=None):
     work = sum(p.numel() for p in st.model.parameters()) * cfg.batch_size * total_updates * (
         cfg.num_unroll_steps + 1 + cfg.num_simulations)  # cartpole preset 1.8e11 (3 min here); below 1e10: seconds
     if device.type == "cpu" and work > 1e10 and not stop.requested:
-        print("timing a few self-play steps and updates on this CPU" + (" (and compiling the learner's unroll: a "
-              "minute or more the first time, then cached) ..." if cfg.compile else " ..."), flush=True)
+        print("timing a few self-play steps and updates on this CPU" + (" (and compiling the learner's unroll: "
+              "minutes the first time, then cached) ..." if cfg.compile else " ..."), flush=True)
         print(estimate(cfg, st, *measure_pace(cfg, device), time.time() - t_start), flush=True)
 
     ckpt_path, obs, tree = os.path.join(run_dir, "ckpt.pt"), env.reset(), None                 # obs [E, *O]

@@ -1,5 +1,6 @@
 """train.py: losses and their gradients, schedules, checkpoints, errors, a smoke run and a learning run."""
 
+import copy
 import csv
 import dataclasses
 import os
@@ -248,7 +249,7 @@ def test_compiled_unroll_gives_the_eager_losses_gradients_and_statistics():
     first = make_model(**train.model_args(cfg, (4,), 2)).train()
     second = make_model(**train.model_args(cfg, (4,), 2)).train()
     for net in (first, second):
-        eager = train.copy.deepcopy(net)
+        eager = copy.deepcopy(net)
         results = []
         for model, unroll in ((eager, train.unroll_losses), (net, train.compiled_unroll())):
             losses, value_0 = unroll(model, batch.obs, batch.actions, batch.mask, targets, cfg)
